@@ -1,0 +1,1 @@
+"""Thin HTTP routers: validate, call one service, return a schema. No torch here."""

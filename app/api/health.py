@@ -1,0 +1,29 @@
+"""GET /healthz and /readyz."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+import app
+from app.api.deps import DispatcherDep
+from app.schemas import HealthResponse, ReadyResponse, WorkerStatus
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """200 while the server process is alive."""
+    return HealthResponse(status="ok", version=app.__version__)
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
+    """200 when a worker has its pipeline loaded, else 503; lists every worker either way."""
+    body = ReadyResponse(
+        ready=dispatcher.ready(),
+        queue_depth=dispatcher.waiting_jobs(),
+        workers=[WorkerStatus(**w.describe()) for w in dispatcher.workers()],
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)

@@ -1,0 +1,130 @@
+"""Domain exceptions and the one table that maps them to HTTP statuses and one error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SameseedError(Exception):
+    """Base of every error the API reports; carries a type, a message and the offending field."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers for this error."""
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        """The one error body shape: {"error": {"type", "message", "param"}}."""
+        return error_body(self.type, self.message, self.param)
+
+
+class InvalidRequest(SameseedError):
+    """A parameter is out of range or inconsistent with the chosen model."""
+
+    status, type = 422, "invalid_request"
+
+
+class MalformedRequest(SameseedError):
+    """The body is not valid JSON or not an object."""
+
+    status, type = 400, "malformed_request"
+
+
+class ModelNotFound(SameseedError):
+    """The request names a model the registry does not list."""
+
+    status, type = 404, "model_not_found"
+
+
+class NotFound(SameseedError):
+    """No such route or resource."""
+
+    status, type = 404, "not_found"
+
+
+class MethodNotAllowed(SameseedError):
+    """The route exists but not for this HTTP method."""
+
+    status, type = 405, "method_not_allowed"
+
+
+class QueueFull(SameseedError):
+    """The bounded queue is full; retry after the estimated wait."""
+
+    status, type = 429, "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After in whole seconds."""
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReady(SameseedError):
+    """No worker can serve the request now (starting, restarting, failed or shutting down)."""
+
+    status, type = 503, "not_ready"
+
+
+class ModelUnavailable(SameseedError):
+    """The model is registered but cannot be loaded (pinned hash mismatch, missing files, pickles)."""
+
+    status, type = 503, "model_unavailable"
+
+
+class WorkerLost(SameseedError):
+    """The worker process died while generating and the retry failed too."""
+
+    status, type = 503, "worker_lost"
+
+
+class JobTimeout(SameseedError):
+    """The job passed its deadline."""
+
+    status, type = 504, "timeout"
+
+
+class GenerationFailed(SameseedError):
+    """The pipeline raised while generating; the worker keeps serving."""
+
+    status, type = 500, "generation_failed"
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """Build the one error body every error response uses."""
+    return {"error": {"type": type_, "message": message, "param": param}}
+
+
+ERROR_CLASSES: dict[str, type[SameseedError]] = {
+    cls.type: cls
+    for cls in (
+        InvalidRequest,
+        MalformedRequest,
+        ModelNotFound,
+        NotFound,
+        MethodNotAllowed,
+        QueueFull,
+        NotReady,
+        ModelUnavailable,
+        WorkerLost,
+        JobTimeout,
+        GenerationFailed,
+    )
+}
+
+
+def error_from_type(type_: str, message: str, param: str | None = None) -> SameseedError:
+    """Rebuild a domain error from its type name (as sent by a worker); unknown types are internal."""
+    cls = ERROR_CLASSES.get(type_)
+    if cls is None or cls is QueueFull:
+        return SameseedError(message, param=param)
+    return cls(message, param=param)

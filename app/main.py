@@ -1,0 +1,141 @@
+"""The app factory: create_app(settings) wires routers, error handlers and the worker pool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import app
+from app.api import generations, health, models
+from app.dispatcher import Dispatcher, Pool
+from app.errors import SameseedError, error_body
+from app.registry import load_registry
+from app.settings import Settings
+from app.worker.messages import WorkerConfig
+from app.worker.pool import WorkerPool, plan_devices
+
+log = logging.getLogger("app.main")
+
+PoolFactory = Callable[[list[WorkerConfig], Callable[..., None]], Pool]
+
+
+def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]:
+    """One picklable config per worker, from SAMESEED_WORKERS and the thread settings."""
+    return [
+        WorkerConfig(
+            worker_id=f"w{i}",
+            device=device,
+            cpu_threads=settings.cpu_threads,
+            cpu_mkldnn=settings.cpu_mkldnn,
+            registry_path=settings.models,
+            data_dir=settings.data_dir.resolve(),
+            preload=(default_model,),
+            allow_download=settings.allow_download,
+            log_level=settings.log_level,
+        )
+        for i, device in enumerate(plan_devices(settings.workers))
+    ]
+
+
+def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> FastAPI:
+    """Build the FastAPI app; the registry is validated now, workers start in the lifespan."""
+    registry = load_registry(settings.models)
+    default_model = settings.default_model or registry.default_model
+    if registry.get(default_model) is None:
+        raise ValueError(f"SAMESEED_DEFAULT_MODEL={default_model!r} is not in the registry {settings.models}")
+
+    @asynccontextmanager
+    async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        dispatcher = Dispatcher(
+            registry=registry,
+            default_model=default_model,
+            max_queue=settings.max_queue,
+            job_timeout_s=settings.job_timeout_s,
+        )
+        pool = pool_factory(worker_configs(settings, default_model), dispatcher.on_event)
+        dispatcher.attach(pool)
+        pool.start()
+        fastapi_app.state.dispatcher = dispatcher
+        try:
+            yield
+        finally:
+            await dispatcher.close()
+
+    fastapi_app = FastAPI(
+        title="Sameseed",
+        version=app.__version__,
+        description="Deterministic Stable Diffusion generation with provenance manifests.",
+        lifespan=lifespan,
+    )
+    fastapi_app.state.settings = settings
+    for router in (generations.router, health.router, models.router):
+        fastapi_app.include_router(router)
+    install_error_handlers(fastapi_app)
+    return fastapi_app
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict[str, Any]) -> str:
+    param = _param(tuple(error.get("loc", ())))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"unknown field {param!r}; see the API docs for the accepted fields"
+    if kind == "missing":
+        return f"{param} is required" if param else "a JSON object body is required"
+    if param is None:
+        return f"request body: {error.get('msg')}"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{param}: {error.get('msg')} (got {shown[:80]})"
+
+
+def install_error_handlers(fastapi_app: FastAPI) -> None:
+    """Route every error through the one error body."""
+
+    @fastapi_app.exception_handler(SameseedError)
+    async def _domain(_: Request, exc: SameseedError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @fastapi_app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
+            return JSONResponse(
+                error_body("malformed_request", f"the body is not valid JSON: {detail}"), status_code=400
+            )
+        first = errors[0] if errors else {}
+        message = _validation_message(first)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more: " + "; ".join(_validation_message(e) for e in errors[1:4]) + ")"
+        return JSONResponse(
+            error_body("invalid_request", message, _param(tuple(first.get("loc", ())))), status_code=422
+        )
+
+    @fastapi_app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            error_body(kinds.get(exc.status_code, "http_error"), str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @fastapi_app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body("internal_error", f"internal error ({type(exc).__name__}); this is a bug"), status_code=500
+        )

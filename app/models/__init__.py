@@ -1,0 +1,1 @@
+"""Embedded models and the code that builds them."""

@@ -1,0 +1,1 @@
+"""The deterministic pipeline: loading, determinism switches and per-image generation (worker side)."""

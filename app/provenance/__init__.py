@@ -1,0 +1,1 @@
+"""Provenance: manifests, hashes anyone can recompute, and the reproducibility key."""

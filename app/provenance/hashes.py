@@ -1,0 +1,30 @@
+"""Hashes anyone can recompute (DESIGN.md definitions); nothing here imports torch."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy
+from PIL import Image
+
+
+def latent_sha256(latents: Any) -> str:
+    """sha256 of one image's final latents as contiguous float32 CPU bytes."""
+    array = latents.detach().to("cpu").float().contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """sha256 of the image's RGB uint8 pixel bytes (PNG bytes are not hashed: zlib builds differ)."""
+    return hashlib.sha256(numpy.asarray(image.convert("RGB"), dtype=numpy.uint8).tobytes()).hexdigest()
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,159 @@
+"""The provenance manifest (versioned schema) and its canonical JSON form."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FORMAT = "sameseed.manifest/1"
+
+
+def canonical_json(value: Any) -> bytes:
+    """UTF-8 JSON with sorted keys, no whitespace and no NaN: the bytes that get hashed and signed."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ManifestRequest(_Part):
+    """Every effective generation parameter, defaults filled in."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    sampler: str
+    num_images: int
+
+
+class ManifestScheduler(_Part):
+    """The scheduler the request ran with: diffusers class and its full config."""
+
+    class_name: str
+    config: dict[str, Any]
+
+
+class ManifestModel(_Part):
+    """Model identity: where it was loaded from and the sha256 of every file."""
+
+    id: str
+    family: str
+    source_kind: Literal["local", "hub", "build"]
+    source: str = Field(description="The local folder the pipeline was loaded from.")
+    hub_repo: str | None = None
+    hub_revision: str | None = None
+    pipeline: str
+    dtype: str
+    files: dict[str, str] = Field(description="Relative path -> sha256 of every component file.")
+    scheduler_config: dict[str, Any] = Field(description="The model's own scheduler config.")
+
+
+class ManifestRuntime(BaseModel):
+    """The runtime fingerprint of the worker that made the images (open for extra fields)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    device_kind: Literal["cpu", "cuda"]
+    device_name: str
+    cpu_capability: str
+    cuda_capability: str | None = None
+    torch_threads: int
+    mkldnn: bool
+    deterministic_algorithms: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    tf32_matmul: bool
+    tf32_cudnn: bool
+    cublas_workspace_config: str | None
+    attention_backend: str
+    noise_device: Literal["cpu"]
+    versions: dict[str, str | None]
+    worker_id: str
+    reproducibility_key: str
+    key_fields: list[str] = Field(description="Runtime fields that enter the reproducibility key.")
+
+
+class ManifestImage(_Part):
+    """One image: its seed and the hashes anyone can recompute."""
+
+    index: int
+    seed: int
+    latent_sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    worker_id: str
+
+
+class ManifestWarning(_Part):
+    """Something the service decided or noticed that a user should know about."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ManifestTimestamps(_Part):
+    """UTC ISO-8601 times the request was received, started and finished."""
+
+    received: str
+    started: str
+    finished: str
+
+
+class Manifest(_Part):
+    """Everything that made a generation, in a versioned schema."""
+
+    format: Literal["sameseed.manifest/1"] = MANIFEST_FORMAT
+    id: str
+    service: dict[str, str]
+    timestamps: ManifestTimestamps
+    request: ManifestRequest
+    scheduler: ManifestScheduler
+    model: ManifestModel
+    runtime: ManifestRuntime
+    images: list[ManifestImage]
+    warnings: list[ManifestWarning]
+
+    def canonical(self) -> bytes:
+        """The canonical JSON bytes of this manifest."""
+        return canonical_json(self.model_dump(mode="json"))
+
+
+def build_manifest(
+    *,
+    generation_id: str,
+    request: dict[str, Any],
+    model: dict[str, Any],
+    scheduler: dict[str, Any],
+    runtime: dict[str, Any],
+    images: list[dict[str, Any]],
+    warnings: list[dict[str, Any]],
+    received: str,
+    started: str,
+    finished: str,
+) -> Manifest:
+    """Assemble and validate a manifest from what the dispatcher and the worker recorded."""
+    import app
+
+    return Manifest(
+        id=generation_id,
+        service={"name": "sameseed", "version": app.__version__},
+        timestamps=ManifestTimestamps(received=received, started=started, finished=finished),
+        request=ManifestRequest(**request),
+        scheduler=ManifestScheduler(**scheduler),
+        model=ManifestModel(**model),
+        runtime=ManifestRuntime(**runtime),
+        images=[ManifestImage(**image) for image in images],
+        warnings=[ManifestWarning(**w) for w in warnings],
+    )

@@ -1,0 +1,66 @@
+"""Service settings: the one reader of the environment (prefix ``SAMESEED_``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_REGISTRY = Path(__file__).resolve().parent / "models" / "registry.yaml"
+_WORKERS_PATTERN = re.compile(r"^(auto|cuda|cpu:[1-9][0-9]*)$")
+
+
+class Settings(BaseSettings):
+    """Every setting of a Sameseed server; each reads from ``SAMESEED_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SAMESEED_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    data_dir: Path = Path(".sameseed")
+    workers: str = Field(
+        default="auto",
+        description="auto (one worker per GPU, else one CPU worker), cuda (one per GPU), or cpu:N.",
+    )
+    cpu_threads: Annotated[int, Field(ge=1, le=256)] = 1
+    cpu_mkldnn: bool = Field(
+        default=True,
+        description="Use oneDNN on CPU; off gives bitwise equality across thread counts 1/2/4/8.",
+    )
+    max_queue: Annotated[int, Field(ge=1, le=100_000)] = 64
+    models: Path = EMBEDDED_REGISTRY
+    default_model: str | None = Field(
+        default=None, description="Registry id used when a request names no model."
+    )
+    job_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    worker_start_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    allow_download: bool = False
+    log_level: str = "info"
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _WORKERS_PATTERN.match(value):
+            raise ValueError(
+                f"SAMESEED_WORKERS must be auto, cuda or cpu:N with N >= 1; got {value!r}"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError(f"SAMESEED_LOG_LEVEL must be a logging level name; got {value!r}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"SAMESEED_MODELS names no readable registry file: {value}")
+        return value.resolve()

@@ -1,0 +1,112 @@
+"""Messages between the server and its worker processes: frozen dataclasses grouped by direction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------- configuration (parent -> child)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The small picklable config a worker process starts with (never the settings object)."""
+
+    worker_id: str
+    device: str  # "cpu" or "cuda:N"
+    cpu_threads: int
+    cpu_mkldnn: bool
+    registry_path: Path
+    data_dir: Path
+    preload: tuple[str, ...]
+    allow_download: bool
+    log_level: str = "info"
+
+
+# ---------------------------------------------------------------- requests (parent -> child)
+
+
+@dataclass(frozen=True)
+class RenderImage:
+    """Generate image `index` of job `job_id` at batch size 1 with `seed`."""
+
+    job_id: str
+    index: int
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    sampler: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish nothing more; exit the worker loop."""
+
+    reason: str = "shutdown"
+
+
+# ---------------------------------------------------------------- events (child -> parent)
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker configured torch and loaded its preloaded models."""
+
+    worker_id: str
+    pid: int
+    runtime: dict[str, Any]
+    group_key: str
+    models: dict[str, dict[str, Any]]  # model id -> {reproducibility_key, ...}
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker cannot start (bad model, bad device); it exits after sending this."""
+
+    worker_id: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageRendered:
+    """One finished image with its hashes, PNG bytes and the identity of what made it."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    seed: int
+    latent_sha256: str
+    pixel_sha256: str
+    png: bytes
+    width: int
+    height: int
+    seconds: float
+    model: dict[str, Any]
+    scheduler: dict[str, Any]
+    runtime: dict[str, Any]
+    warnings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    model_loaded: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ImageFailed:
+    """The image could not be made; `error_type` names an API error type. The worker keeps serving."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    error_type: str
+    message: str
+    param: str | None = None
+
+
+ToWorker = RenderImage | Shutdown
+FromWorker = WorkerReady | WorkerFailed | ImageRendered | ImageFailed

@@ -1,0 +1,225 @@
+"""The pool supervisor (server side): spawns worker processes, relays their events, restarts the dead."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import multiprocessing
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.worker.messages import FromWorker, ToWorker, WorkerConfig, WorkerFailed, WorkerReady
+
+log = logging.getLogger("app.pool")
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+MAX_RAPID_CRASHES = 5
+STABLE_AFTER_S = 60.0
+
+
+class WorkerState(enum.StrEnum):
+    """Lifecycle of one worker process."""
+
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """The worker process ended (crash, kill, or after a start failure)."""
+
+    worker_id: str
+    exitcode: int | None
+
+
+@dataclass
+class WorkerHandle:
+    """Server-side view of one worker process."""
+
+    config: WorkerConfig
+    state: WorkerState = WorkerState.STARTING
+    process: Any = None
+    conn: Any = None
+    pid: int | None = None
+    jobs_done: int = 0
+    last_error: str | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+    group_key: str | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restarts: int = 0
+    crashes_in_row: int = 0
+    started_at: float = 0.0
+    ready_seconds: float | None = None
+    current: Any = None  # the task in flight, owned by the dispatcher
+
+    @property
+    def id(self) -> str:
+        """The worker id."""
+        return self.config.worker_id
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary for /readyz."""
+        return {
+            "id": self.id,
+            "device": self.config.device,
+            "state": self.state.value,
+            "pid": self.pid,
+            "jobs_done": self.jobs_done,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "torch_threads": self.runtime.get("torch_threads"),
+            "cpu_capability": self.runtime.get("cpu_capability"),
+            "group_key": self.group_key,
+            "models": {m: info.get("reproducibility_key") for m, info in self.models.items()},
+            "ready_seconds": self.ready_seconds,
+        }
+
+
+def visible_gpus() -> list[str]:
+    """Physical indices of the NVIDIA GPUs this host shows (without importing torch)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def plan_devices(workers: str) -> list[str]:
+    """Turn SAMESEED_WORKERS into one device string per worker; `cuda` without GPUs fails fast."""
+    if workers.startswith("cpu:"):
+        return ["cpu"] * int(workers.split(":", 1)[1])
+    gpus = visible_gpus()
+    if workers == "cuda" and not gpus:
+        raise RuntimeError("SAMESEED_WORKERS=cuda but no NVIDIA GPU is visible (nvidia-smi found none)")
+    return [f"cuda:{index}" for index in gpus] or ["cpu"]
+
+
+EventSink = Callable[[WorkerHandle, "FromWorker | WorkerExited"], None]
+
+
+class WorkerPool:
+    """Owns the worker processes; hands every event to `sink` on the event loop's thread."""
+
+    def __init__(self, configs: list[WorkerConfig], sink: EventSink) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.workers = {c.worker_id: WorkerHandle(config=c) for c in configs}
+        self._sink = sink
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Spawn every worker; call from the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        for handle in self.workers.values():
+            self._spawn(handle)
+
+    def _spawn(self, handle: WorkerHandle) -> None:
+        from app.worker.process import run_worker
+
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=run_worker, args=(handle.config, child_conn), name=f"sameseed-{handle.id}", daemon=True
+        )
+        process.start()
+        child_conn.close()  # so the parent sees EOF the moment the child dies
+        handle.process, handle.conn, handle.pid = process, parent_conn, process.pid
+        handle.state, handle.started_at = WorkerState.STARTING, time.monotonic()
+        handle.runtime, handle.models, handle.group_key = {}, {}, None
+        log.info("worker %s starting (pid %s, device %s)", handle.id, process.pid, handle.config.device)
+        threading.Thread(target=self._read, args=(handle, parent_conn, process), daemon=True).start()
+
+    def _read(self, handle: WorkerHandle, conn: Any, process: Any) -> None:
+        """Reader thread: forward every message; on EOF, wait for the exit code and report it."""
+        assert self._loop is not None
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._loop.call_soon_threadsafe(self._deliver, handle, process, message)
+        process.join(timeout=5)
+        self._loop.call_soon_threadsafe(self._deliver, handle, process, WorkerExited(handle.id, process.exitcode))
+
+    def _deliver(self, handle: WorkerHandle, process: Any, event: FromWorker | WorkerExited) -> None:
+        if process is not handle.process:
+            return  # from an earlier incarnation
+        if isinstance(event, WorkerReady):
+            handle.state, handle.runtime, handle.group_key = WorkerState.READY, event.runtime, event.group_key
+            handle.models, handle.pid = dict(event.models), event.pid
+            handle.ready_seconds = round(time.monotonic() - handle.started_at, 3)
+            log.info("worker %s ready in %.2fs (group %s)", handle.id, handle.ready_seconds, event.group_key)
+        elif isinstance(event, WorkerFailed):
+            handle.state, handle.last_error = WorkerState.FAILED, f"{event.error_type}: {event.message}"
+            log.error("worker %s failed to start: %s", handle.id, handle.last_error)
+        elif isinstance(event, WorkerExited):
+            self._on_exit(handle, event)
+        self._sink(handle, event)
+
+    def _on_exit(self, handle: WorkerHandle, event: WorkerExited) -> None:
+        handle.conn.close()
+        if self._closing or handle.state is WorkerState.STOPPED:
+            handle.state = WorkerState.STOPPED
+            return
+        if handle.state is WorkerState.FAILED and handle.runtime == {}:
+            return  # a start failure is deterministic (bad model, bad device): do not loop on it
+        uptime = time.monotonic() - handle.started_at
+        handle.crashes_in_row = 1 if uptime > STABLE_AFTER_S else handle.crashes_in_row + 1
+        handle.last_error = f"worker process exited with code {event.exitcode}"
+        log.error("worker %s died (exit code %s)", handle.id, event.exitcode)
+        if handle.crashes_in_row > MAX_RAPID_CRASHES:
+            handle.state = WorkerState.FAILED
+            handle.last_error += f"; gave up after {MAX_RAPID_CRASHES} rapid restarts"
+            return
+        handle.state = WorkerState.RESTARTING
+        delay = RESTART_BACKOFF_S[min(handle.crashes_in_row, len(RESTART_BACKOFF_S)) - 1]
+        assert self._loop is not None
+        self._loop.call_later(delay, self._restart, handle)
+
+    def _restart(self, handle: WorkerHandle) -> None:
+        if self._closing or handle.state is not WorkerState.RESTARTING:
+            return
+        handle.restarts += 1
+        self._spawn(handle)
+
+    def send(self, handle: WorkerHandle, message: ToWorker) -> bool:
+        """Send a message to a worker; False when its pipe is already broken."""
+        try:
+            handle.conn.send(message)
+            return True
+        except (OSError, ValueError, BrokenPipeError):
+            return False
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask every worker to exit, wait up to `timeout_s`, then kill what is left."""
+        from app.worker.messages import Shutdown
+
+        self._closing = True
+        for handle in self.workers.values():
+            if handle.process is not None and handle.process.is_alive():
+                self.send(handle, Shutdown())
+        deadline = time.monotonic() + timeout_s
+        for handle in self.workers.values():
+            process = handle.process
+            if process is None:
+                continue
+            while process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+            handle.state = WorkerState.STOPPED

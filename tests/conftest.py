@@ -1,0 +1,27 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.registry import Registry, load_registry
+from app.settings import EMBEDDED_REGISTRY
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_registry(EMBEDDED_REGISTRY)
+
+
+@pytest.fixture()
+def registry_file(tmp_path: Path):
+    """Write a registry YAML into tmp_path and return its path."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "registry.yaml"
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,211 @@
+import asyncio
+
+import pytest
+
+from app.dispatcher import Dispatcher, resolve_request
+from app.errors import GenerationFailed, InvalidRequest, JobTimeout, ModelNotFound, NotReady, QueueFull, WorkerLost
+from app.schemas import MAX_SEED, GenerationRequest
+from app.worker.messages import RenderImage, WorkerConfig
+from app.worker.pool import WorkerState
+from tests.fakes import FakePool
+
+
+def req(**fields):
+    return GenerationRequest.model_validate({"prompt": "a cat", **fields})
+
+
+def configs(n):
+    return [
+        WorkerConfig(f"w{i}", "cpu", 1, True, "registry.yaml", "data", ("sameseed-tiny",), False) for i in range(n)
+    ]
+
+
+def make(registry, workers=1, *, max_queue=4, timeout=5.0):
+    dispatcher = Dispatcher(registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout)
+    pool = FakePool(configs(workers), dispatcher.on_event)
+    dispatcher.attach(pool)
+    pool.start()
+    return dispatcher, pool
+
+
+async def until(predicate, timeout=2.0):
+    """Poll the event loop until predicate() holds (deadline, no fixed sleeps)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0)
+
+
+def renders(pool):
+    return [m for _, m in pool.sent if isinstance(m, RenderImage)]
+
+
+# ----------------------------------------------------------------- resolve_request
+
+
+def test_defaults_come_from_the_model(registry):
+    effective = resolve_request(registry, "sameseed-tiny", req(seed=3))
+    assert (effective.model, effective.width, effective.height, effective.steps, effective.sampler) == (
+        "sameseed-tiny", 64, 64, 20, "pndm",
+    )
+    assert effective.guidance_scale == 7.5 and effective.seed == 3
+
+
+def test_unknown_model_is_404_naming_the_field(registry):
+    with pytest.raises(ModelNotFound) as info:
+        resolve_request(registry, "sameseed-tiny", req(model="sd-nope"))
+    assert info.value.param == "model" and "sameseed-tiny" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"width": 60}, "width"), ({"height": 1024}, "height"), ({"width": 512, "height": 512, "model": "sameseed-tiny"},
+     "width"), ({"steps": 151}, "steps"), ({"guidance_scale": 31.0}, "guidance_scale")],
+)
+def test_model_limits_are_enforced_with_the_range(registry, fields, param):
+    with pytest.raises(InvalidRequest) as info:
+        resolve_request(registry, "sameseed-tiny", req(**fields))
+    assert info.value.param == param and "got" in info.value.message
+
+
+def test_seed_plus_images_must_stay_javascript_safe(registry):
+    with pytest.raises(InvalidRequest) as info:
+        resolve_request(registry, "sameseed-tiny", req(seed=MAX_SEED, num_images=2))
+    assert info.value.param == "seed"
+
+
+def test_a_drawn_seed_leaves_room_for_every_image(registry):
+    for _ in range(50):
+        effective = resolve_request(registry, "sameseed-tiny", req(num_images=8))
+        assert 0 <= effective.seed and effective.seed + 7 <= MAX_SEED
+
+
+# ----------------------------------------------------------------- routing and outcomes
+
+
+def test_images_use_seed_plus_k_and_come_back_in_order(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0")
+        pool.ready("w1")
+        task = asyncio.create_task(dispatcher.generate(req(seed=10, num_images=3)))
+        await until(lambda: len(renders(pool)) == 2)
+        first, second = renders(pool)
+        assert {first.seed, second.seed} == {10, 11}
+        pool.answer("w1", second)  # finish out of order
+        await until(lambda: len(renders(pool)) == 3)
+        pool.answer("w0", first)
+        pool.answer("w1", renders(pool)[2])
+        outcome = await task
+        assert [(i.index, i.seed) for i in outcome.images] == [(0, 10), (1, 11), (2, 12)]
+        assert [i.seed for i in outcome.manifest.images] == [10, 11, 12]
+        assert outcome.manifest.request.steps == 20 and outcome.manifest.request.num_images == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_job_stays_inside_the_group_it_started_in(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0", group_key="A")
+        pool.ready("w1", group_key="B")
+        task = asyncio.create_task(dispatcher.generate(req(seed=1, num_images=2)))
+        await until(lambda: len(renders(pool)) == 1)
+        assert pool.sent[0][0] == "w0"
+        assert pool.workers["w1"].state is WorkerState.READY  # the other group got nothing
+        pool.answer("w0", renders(pool)[0])
+        await until(lambda: len(renders(pool)) == 2)
+        assert pool.sent[1][0] == "w0"
+        pool.answer("w0", renders(pool)[1])
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_answers_429_with_retry_after(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, max_queue=2)
+        tasks = [asyncio.create_task(dispatcher.generate(req(seed=s))) for s in range(2)]
+        await until(lambda: dispatcher.waiting_jobs() == 2)
+        with pytest.raises(QueueFull) as info:
+            await dispatcher.generate(req(seed=9))
+        assert int(info.value.headers()["Retry-After"]) >= 1
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert dispatcher.waiting_jobs() == 0  # cancelled requests free their places
+
+    asyncio.run(scenario())
+
+
+def test_dead_worker_image_is_retried_once_then_fails_503(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=5)))
+        await until(lambda: len(renders(pool)) == 1)
+        pool.die("w0")
+        pool.ready("w0")  # restarted
+        await until(lambda: len(renders(pool)) == 2)
+        assert renders(pool)[1].seed == 5
+        pool.die("w0")
+        with pytest.raises(WorkerLost):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_retry_after_death_gives_the_result(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=5)))
+        await until(lambda: len(renders(pool)) == 1)
+        pool.die("w0")
+        pool.ready("w0")
+        await until(lambda: len(renders(pool)) == 2)
+        pool.answer("w0", renders(pool)[1])
+        assert (await task).images[0].seed == 5
+
+    asyncio.run(scenario())
+
+
+def test_job_error_is_reported_and_the_worker_keeps_serving(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=5)))
+        await until(lambda: len(renders(pool)) == 1)
+        pool.fail("w0", renders(pool)[0])
+        with pytest.raises(GenerationFailed):
+            await task
+        assert pool.workers["w0"].state is WorkerState.READY
+        task = asyncio.create_task(dispatcher.generate(req(seed=6)))
+        await until(lambda: len(renders(pool)) == 2)
+        pool.answer("w0", renders(pool)[1])
+        assert (await task).images[0].seed == 6
+
+    asyncio.run(scenario())
+
+
+def test_deadline_answers_timeout_and_drops_the_unstarted_job(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, timeout=0.05)
+        with pytest.raises(JobTimeout, match="never started"):
+            await dispatcher.generate(req(seed=1))
+        pool.ready("w0")
+        assert renders(pool) == [] and dispatcher.waiting_jobs() == 0
+
+    asyncio.run(scenario())
+
+
+def test_no_usable_worker_is_503_with_the_reason(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        handle = pool.workers["w0"]
+        handle.state, handle.last_error = WorkerState.FAILED, "model_unavailable: sha256 mismatch"
+        with pytest.raises(NotReady, match="sha256 mismatch"):
+            await dispatcher.generate(req(seed=1))
+
+    asyncio.run(scenario())
