@@ -34,8 +34,17 @@ def fake_hash(*parts: Any) -> str:
 
 def rendered(message: RenderImage, worker_id: str = "w0", key: str = "rk1-fake") -> ImageRendered:
     """A plausible ImageRendered whose hashes depend only on the parameters (like the real thing)."""
-    params = (message.model, message.prompt, message.negative_prompt, message.seed, message.steps,
-              message.guidance_scale, message.width, message.height, message.sampler)
+    params = (
+        message.model,
+        message.prompt,
+        message.negative_prompt,
+        message.seed,
+        message.steps,
+        message.guidance_scale,
+        message.width,
+        message.height,
+        message.sampler,
+    )
     return ImageRendered(
         job_id=message.job_id,
         index=message.index,
@@ -48,8 +57,13 @@ def rendered(message: RenderImage, worker_id: str = "w0", key: str = "rk1-fake")
         height=message.height,
         seconds=0.01,
         model={
-            "id": message.model, "family": "sd1", "source_kind": "local", "source": "/models/x",
-            "pipeline": "StableDiffusionPipeline", "dtype": "float32", "files": {"unet/x.safetensors": "ab" * 32},
+            "id": message.model,
+            "family": "sd1",
+            "source_kind": "local",
+            "source": "/models/x",
+            "pipeline": "StableDiffusionPipeline",
+            "dtype": "float32",
+            "files": {"unet/x.safetensors": "ab" * 32},
             "scheduler_config": {"num_train_timesteps": 1000},
         },
         scheduler={"class_name": "PNDMScheduler", "config": {"num_train_timesteps": 1000}},

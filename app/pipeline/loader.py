@@ -129,6 +129,17 @@ def verify_files(entry: ModelEntry, folder: Path) -> dict[str, str]:
     return files
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers progress bars and advisories; Sameseed logs what matters."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_model(entry: ModelEntry, folder: Path, device: str) -> LoadedModel:
     """Verify and load a registered model onto `device` in its registry dtype."""
     import diffusers
@@ -138,8 +149,9 @@ def load_model(entry: ModelEntry, folder: Path, device: str) -> LoadedModel:
     pipeline_cls = getattr(diffusers, entry.pipeline_class)
     pipe = pipeline_cls.from_pretrained(
         folder,
-        torch_dtype=getattr(torch, entry.dtype),
+        dtype=getattr(torch, entry.dtype),
         use_safetensors=True,
+        low_cpu_mem_usage=False,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -179,4 +191,6 @@ def pipeline_view(model: LoadedModel, scheduler: Any) -> Any:
     """A per-request pipeline sharing the model's modules but owning its scheduler."""
     components = dict(model.pipe.components)
     components["scheduler"] = scheduler
-    return type(model.pipe)(**components, requires_safety_checker=False)
+    view = type(model.pipe)(**components, requires_safety_checker=False)
+    view.set_progress_bar_config(disable=True)
+    return view

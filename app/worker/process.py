@@ -32,9 +32,11 @@ class Engine:
 
     def __init__(self, config: WorkerConfig) -> None:
         from app.pipeline.determinism import configure_torch, runtime_fingerprint
+        from app.pipeline.loader import quiet_libraries
         from app.registry import load_registry
 
         configure_torch(config.device, config.cpu_threads, config.cpu_mkldnn)
+        quiet_libraries()
         self.config = config
         self.registry = load_registry(config.registry_path)
         self.runtime = runtime_fingerprint(config.device, config.worker_id)

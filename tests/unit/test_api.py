@@ -38,8 +38,16 @@ def test_generation_returns_images_hashes_and_a_manifest(client):
     manifest = body["manifest"]
     assert manifest["format"] == "sameseed.manifest/1"
     assert manifest["request"] == {
-        "model": "sameseed-tiny", "prompt": "a cat", "negative_prompt": "", "seed": 7, "steps": 20,
-        "guidance_scale": 7.5, "width": 64, "height": 64, "sampler": "pndm", "num_images": 2,
+        "model": "sameseed-tiny",
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "seed": 7,
+        "steps": 20,
+        "guidance_scale": 7.5,
+        "width": 64,
+        "height": 64,
+        "sampler": "pndm",
+        "num_images": 2,
     }
     assert manifest["images"][1]["latent_sha256"] == body["images"][1]["latent_sha256"]
     assert set(manifest["timestamps"]) == {"received", "started", "finished"}
@@ -47,7 +55,9 @@ def test_generation_returns_images_hashes_and_a_manifest(client):
 
 def test_drawn_seed_is_returned(client):
     body = client.post("/v1/generations", json={"prompt": "a cat"}).json()
-    assert isinstance(body["images"][0]["seed"], int) and body["manifest"]["request"]["seed"] == body["images"][0]["seed"]
+    assert (
+        isinstance(body["images"][0]["seed"], int) and body["manifest"]["request"]["seed"] == body["images"][0]["seed"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,8 +84,9 @@ def test_bad_parameters_are_422_naming_the_field(client, payload, param):
 
 
 def test_unknown_model_is_404(client):
-    message = assert_error(client.post("/v1/generations", json={"prompt": "a", "model": "sdxl"}), 404,
-                           "model_not_found", "model")
+    message = assert_error(
+        client.post("/v1/generations", json={"prompt": "a", "model": "sdxl"}), 404, "model_not_found", "model"
+    )
     assert "sameseed-tiny" in message
 
 

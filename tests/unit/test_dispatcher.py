@@ -15,13 +15,13 @@ def req(**fields):
 
 
 def configs(n):
-    return [
-        WorkerConfig(f"w{i}", "cpu", 1, True, "registry.yaml", "data", ("sameseed-tiny",), False) for i in range(n)
-    ]
+    return [WorkerConfig(f"w{i}", "cpu", 1, True, "registry.yaml", "data", ("sameseed-tiny",), False) for i in range(n)]
 
 
 def make(registry, workers=1, *, max_queue=4, timeout=5.0):
-    dispatcher = Dispatcher(registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout)
+    dispatcher = Dispatcher(
+        registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout
+    )
     pool = FakePool(configs(workers), dispatcher.on_event)
     dispatcher.attach(pool)
     pool.start()
@@ -47,7 +47,11 @@ def renders(pool):
 def test_defaults_come_from_the_model(registry):
     effective = resolve_request(registry, "sameseed-tiny", req(seed=3))
     assert (effective.model, effective.width, effective.height, effective.steps, effective.sampler) == (
-        "sameseed-tiny", 64, 64, 20, "pndm",
+        "sameseed-tiny",
+        64,
+        64,
+        20,
+        "pndm",
     )
     assert effective.guidance_scale == 7.5 and effective.seed == 3
 
@@ -60,8 +64,13 @@ def test_unknown_model_is_404_naming_the_field(registry):
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"width": 60}, "width"), ({"height": 1024}, "height"), ({"width": 512, "height": 512, "model": "sameseed-tiny"},
-     "width"), ({"steps": 151}, "steps"), ({"guidance_scale": 31.0}, "guidance_scale")],
+    [
+        ({"width": 60}, "width"),
+        ({"height": 1024}, "height"),
+        ({"width": 512, "height": 512, "model": "sameseed-tiny"}, "width"),
+        ({"steps": 151}, "steps"),
+        ({"guidance_scale": 31.0}, "guidance_scale"),
+    ],
 )
 def test_model_limits_are_enforced_with_the_range(registry, fields, param):
     with pytest.raises(InvalidRequest) as info:

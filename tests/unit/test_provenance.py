@@ -42,7 +42,9 @@ def test_key_ignores_worker_identity_and_python_version():
 
 def test_key_changes_with_model_files_and_dtype():
     other = reproducibility_key(
-        files={**FILES, "model_index.json": "2" * 64}, pipeline="StableDiffusionPipeline", dtype="float32",
+        files={**FILES, "model_index.json": "2" * 64},
+        pipeline="StableDiffusionPipeline",
+        dtype="float32",
         runtime=RUNTIME,
     )
     assert other != key()
