@@ -22,11 +22,10 @@ def _settings(**overrides: object):  # noqa: ANN202 - returns Settings; imported
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
-    import uvicorn
-
     from app.logs import configure_logging
     from app.main import create_app
     from app.registry import RegistryError
+    from app.server import run
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level)
@@ -35,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (RegistryError, ValueError, RuntimeError) as exc:
         print(f"sameseed: cannot start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s)
     return 0
 
 

@@ -14,13 +14,16 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from app.errors import (
+    ClientDisconnected,
     InvalidRequest,
     JobTimeout,
+    KeyUnavailable,
     ModelNotFound,
     NotReady,
     QueueFull,
@@ -28,15 +31,18 @@ from app.errors import (
     WorkerLost,
     error_from_type,
 )
+from app.metrics import Metrics
 from app.provenance.manifest import Manifest
 from app.registry import Registry
 from app.schemas import MAX_SEED, GenerationRequest
-from app.worker.messages import ImageFailed, ImageRendered, RenderImage, WorkerFailed, WorkerReady
+from app.worker.messages import ImageFailed, ImageRendered, RenderImage
 from app.worker.pool import WorkerExited, WorkerHandle, WorkerState
 
 log = logging.getLogger("app.dispatcher")
 
 MAX_ATTEMPTS = 2  # an image whose worker died is retried once: safe, the result is deterministic
+SERVING = (WorkerState.READY, WorkerState.BUSY)
+COMING = (WorkerState.STARTING, WorkerState.RESTARTING)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class Job:
     request: EffectiveRequest
     received_at: str
     future: asyncio.Future[Job]
+    admitted: float = field(default_factory=time.monotonic)
     started_at: str | None = None
     group_key: str | None = None
     results: dict[int, ImageRendered] = field(default_factory=dict)
@@ -163,8 +170,12 @@ class Pool(Protocol):
         """Stop every worker within `timeout_s`."""
 
 
+Disconnected = Callable[[], Awaitable[bool]]
+DISCONNECT_POLL_S = 0.25
+
+
 class Dispatcher:
-    """Bounded admission, per-image routing within a fingerprint group, retries and deadlines."""
+    """Bounded admission, per-image routing within a fingerprint group, retries, deadlines and drain."""
 
     def __init__(
         self,
@@ -173,29 +184,53 @@ class Dispatcher:
         default_model: str,
         max_queue: int,
         job_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.default_model = default_model
         self.max_queue = max_queue
         self.job_timeout_s = job_timeout_s
+        self.metrics = metrics or Metrics()
         self.pool: Pool | None = None
+        self.draining = False
         self._pending: deque[tuple[Job, int]] = deque()
         self._jobs: dict[str, Job] = {}
         self._image_seconds = 1.0  # running estimate for Retry-After
-        self._accepting = True
+        self._busy_s: dict[str, float] = {}
+        self._restarts_seen: dict[str, int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, pool: Pool) -> None:
         """Use this pool; its events must be delivered to `on_event`."""
         self.pool = pool
+        self._sync_metrics()
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (503) and report not ready; admitted jobs keep running."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: %d jobs in flight", len(self._jobs))
+
+    async def drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for admitted jobs to finish; fail the rest. Returns how many failed."""
+        self.begin_drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        left = [job for job in self._jobs.values() if not job.done]
+        for job in left:
+            self._fail(job, NotReady(f"the server shut down before {job.id} finished (drain {grace_s:g}s)"))
+        return len(left)
 
     async def close(self) -> None:
         """Stop accepting, fail what is left, stop the workers."""
-        self._accepting = False
+        self.draining = True
         for job in list(self._jobs.values()):
             self._fail(job, NotReady("the server is shutting down"))
         if self.pool is not None:
             await self.pool.stop()
+            self._sync_metrics()
 
     # ------------------------------------------------------------------ status
     def workers(self) -> list[WorkerHandle]:
@@ -203,49 +238,88 @@ class Dispatcher:
         return sorted(self.pool.workers.values(), key=lambda w: w.id) if self.pool else []
 
     def ready(self) -> bool:
-        """True when at least one worker has its pipeline loaded and can take work."""
-        return any(w.state in (WorkerState.READY, WorkerState.BUSY) for w in self.workers())
+        """True when not draining and at least one worker has its pipeline loaded and takes work."""
+        return not self.draining and any(w.state in SERVING for w in self.workers())
 
     def waiting_jobs(self) -> int:
         """Jobs admitted but not yet started."""
         return sum(1 for j in self._jobs.values() if j.started_at is None)
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, request: GenerationRequest, *, received_at: str | None = None) -> Outcome:
+    async def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        received_at: str | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> Outcome:
         """Run a generation to completion; raises a SameseedError with the reason otherwise."""
-        received = received_at or utc_now()
+        try:
+            outcome = await self._run(request, received_at or utc_now(), disconnected)
+        except SameseedError as exc:
+            self.metrics.jobs.labels(outcome=exc.type).inc()
+            raise
+        self.metrics.jobs.labels(outcome="ok").inc()
+        return outcome
+
+    async def _run(self, request: GenerationRequest, received: str, disconnected: Disconnected | None) -> Outcome:
         effective = resolve_request(self.registry, self.default_model, request)
+        group = self._group_for_key(effective.model, request.reproducibility_key)
         self._admit()
         job = Job(
             id=f"gen_{uuid.uuid4().hex}",
             request=effective,
             received_at=received,
             future=asyncio.get_running_loop().create_future(),
+            group_key=group,
         )
         self._jobs[job.id] = job
+        self._idle.clear()
         self._pending.extend((job, k) for k in range(effective.num_images))
         log.info(
             "job admitted", extra={"generation_id": job.id, "model": effective.model, "images": effective.num_images}
         )
         self._pump()
         try:
-            await asyncio.wait_for(asyncio.shield(job.future), timeout=self.job_timeout_s)
-        except TimeoutError:
-            self._fail(
-                job,
-                JobTimeout(
-                    f"generation {job.id} passed its deadline of {self.job_timeout_s:g}s "
-                    f"({'started' if job.started_at else 'never started'})"
-                ),
-            )
+            await self._wait(job, disconnected)
         finally:
-            self._forget(job)  # a cancelled request (client gone) frees its place
+            self._forget(job)  # a cancelled or abandoned request frees its place
         job.future.result()  # raises the job's error
+        self.metrics.end_to_end.observe(time.monotonic() - job.admitted)
         return self._outcome(job)
 
+    async def _wait(self, job: Job, disconnected: Disconnected | None) -> None:
+        deadline = job.admitted + self.job_timeout_s
+        while not job.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state = "started" if job.started_at else "never started"
+                self._fail(job, JobTimeout(f"{job.id} passed its deadline of {self.job_timeout_s:g}s ({state})"))
+                return
+            step = remaining if disconnected is None else min(remaining, DISCONNECT_POLL_S)
+            with contextlib.suppress(TimeoutError, SameseedError):
+                await asyncio.wait_for(asyncio.shield(job.future), step)
+            if not job.done and disconnected is not None and await disconnected():
+                self._fail(job, ClientDisconnected(f"the client of {job.id} disconnected; its images were dropped"))
+
+    def _group_for_key(self, model: str, key: str | None) -> str | None:
+        if key is None:
+            return None
+        groups = {w.group_key for w in self.workers() if w.models.get(model, {}).get("reproducibility_key") == key}
+        if not groups:
+            available = sorted(
+                {w.models[model]["reproducibility_key"] for w in self.workers() if model in w.models}
+            )
+            raise KeyUnavailable(
+                f"no worker serves model {model} with reproducibility key {key}; "
+                f"available: {', '.join(available) or 'none loaded yet'}",
+                param="reproducibility_key",
+            )
+        return groups.pop()
+
     def _admit(self) -> None:
-        if not self._accepting:
-            raise NotReady("the server is shutting down and accepts no new work")
+        if self.draining:
+            raise NotReady("the server is draining for shutdown and accepts no new work")
         usable = [w for w in self.workers() if w.state not in (WorkerState.FAILED, WorkerState.STOPPED)]
         if not usable:
             reasons = "; ".join(f"{w.id}: {w.last_error}" for w in self.workers()) or "no workers configured"
@@ -257,32 +331,28 @@ class Dispatcher:
             )
 
     def _estimated_wait_s(self) -> float:
-        ready = max(1, sum(1 for w in self.workers() if w.state in (WorkerState.READY, WorkerState.BUSY)))
-        return len(self._pending) * self._image_seconds / ready
+        serving = max(1, sum(1 for w in self.workers() if w.state in SERVING))
+        return (len(self._pending) + serving) * self._image_seconds / serving
 
     # ------------------------------------------------------------------ routing
     def _pump(self) -> None:
-        """Give each idle ready worker the oldest image it may run (same group as its job)."""
-        if self.pool is None:
-            return
-        for worker in self.workers():
-            if worker.state is not WorkerState.READY or not self._pending:
-                continue
-            task = next(
-                (t for t in self._pending if t[0].group_key in (None, worker.group_key) and not t[0].done),
-                None,
-            )
-            if task is None:
-                continue
-            self._pending.remove(task)
-            self._dispatch(worker, *task)
-        # drop tasks of jobs that already ended
-        self._pending = deque(t for t in self._pending if not t[0].done)
+        """Give each idle worker, least busy first, the oldest image it may run (its job's group only)."""
+        if self.pool is not None:
+            self._pending = deque(t for t in self._pending if not t[0].done)
+            idle = [w for w in self.workers() if w.state is WorkerState.READY]
+            for worker in sorted(idle, key=lambda w: (self._busy_s.get(w.id, 0.0), w.id)):
+                task = next((t for t in self._pending if t[0].group_key in (None, worker.group_key)), None)
+                if task is not None:
+                    self._pending.remove(task)
+                    self._dispatch(worker, *task)
+        self._sync_metrics()
 
     def _dispatch(self, worker: WorkerHandle, job: Job, index: int) -> None:
         request = job.request
         job.group_key = job.group_key or worker.group_key
-        job.started_at = job.started_at or utc_now()
+        if job.started_at is None:
+            job.started_at = utc_now()
+            self.metrics.queue_wait.observe(time.monotonic() - job.admitted)
         job.attempts[index] = job.attempts.get(index, 0) + 1
         message = RenderImage(
             job_id=job.id,
@@ -312,10 +382,10 @@ class Dispatcher:
             self._on_image_failed(worker, event)
         elif isinstance(event, WorkerExited):
             self._on_worker_exit(worker)
-        elif isinstance(event, (WorkerReady, WorkerFailed)):
-            if not self.ready() and not any(w.state is WorkerState.STARTING for w in self.workers()):
-                for job in list(self._jobs.values()):
-                    self._fail(job, NotReady(f"no worker can serve requests ({worker.last_error})"))
+        if not any(w.state in SERVING or w.state in COMING for w in self.workers()):
+            reasons = "; ".join(f"{w.id}: {w.last_error}" for w in self.workers())
+            for job in list(self._jobs.values()):
+                self._fail(job, NotReady(f"no worker can serve requests ({reasons})"))
         self._pump()
 
     def _release(self, worker: WorkerHandle) -> tuple[Job, int] | None:
@@ -326,12 +396,20 @@ class Dispatcher:
             return None
         job, index, started = current
         elapsed = time.monotonic() - started
+        self._busy_s[worker.id] = self._busy_s.get(worker.id, 0.0) + elapsed
+        self.metrics.worker_busy.labels(worker=worker.id).inc(elapsed)
         self._image_seconds = 0.8 * self._image_seconds + 0.2 * elapsed
         return job, index
 
     def _on_image(self, worker: WorkerHandle, event: ImageRendered) -> None:
         self._release(worker)
         worker.jobs_done += 1
+        self.metrics.worker_jobs.labels(worker=worker.id).inc()
+        self.metrics.generation.observe(event.seconds)
+        model = event.model.get("id", "?")
+        self.metrics.images.labels(model=model).inc()
+        if getattr(event, "vae_upcast", False):
+            self.metrics.vae_upcasts.labels(model=model).inc()
         if event.model_loaded:
             worker.models[event.model_loaded["model"]] = event.model_loaded
         job = self._jobs.get(event.job_id)
@@ -363,6 +441,7 @@ class Dispatcher:
             log.warning(
                 "worker %s died mid-image; retrying image %d", worker.id, index, extra={"generation_id": job.id}
             )
+            self.metrics.retries.inc()
             self._pending.appendleft((job, index))
         else:
             self._fail(job, WorkerLost(f"the worker died twice while generating image {index} of {job.id}"))
@@ -379,6 +458,23 @@ class Dispatcher:
         with contextlib.suppress(KeyError):
             del self._jobs[job.id]
         self._pending = deque(t for t in self._pending if t[0] is not job)
+        if not self._jobs:
+            self._idle.set()
+        self._sync_metrics()
+
+    def refresh_metrics(self) -> None:
+        """Bring gauges (queue depth, worker states, restarts) up to date."""
+        self._sync_metrics()
+
+    def _sync_metrics(self) -> None:
+        self.metrics.queue_depth.set(self.waiting_jobs())
+        self.metrics.images_pending.set(len(self._pending))
+        for worker in self.workers():
+            self.metrics.set_worker_state(worker.id, worker.state.value)
+            seen = self._restarts_seen.get(worker.id, 0)
+            if worker.restarts > seen:
+                self.metrics.worker_restarts.labels(worker=worker.id).inc(worker.restarts - seen)
+                self._restarts_seen[worker.id] = worker.restarts
 
     def _outcome(self, job: Job) -> Outcome:
         from app.provenance.manifest import build_manifest

@@ -55,6 +55,40 @@ class MethodNotAllowed(SameseedError):
     status, type = 405, "method_not_allowed"
 
 
+class Unauthorized(SameseedError):
+    """API keys are on and the request has no valid `Authorization: Bearer <key>`."""
+
+    status, type = 401, "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client which scheme to use."""
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class GenerationNotFound(SameseedError):
+    """The ledger has no generation with this id (or it has no image with this index)."""
+
+    status, type = 404, "generation_not_found"
+
+
+class ImageGone(SameseedError):
+    """The generation is known but its image file was pruned by retention; the manifest stays."""
+
+    status, type = 410, "image_gone"
+
+
+class PayloadTooLarge(SameseedError):
+    """The request body is larger than this route accepts."""
+
+    status, type = 413, "payload_too_large"
+
+
+class StorageUnavailable(SameseedError):
+    """The image store or the ledger cannot be written (disk full, permissions)."""
+
+    status, type = 503, "storage_unavailable"
+
+
 class QueueFull(SameseedError):
     """The bounded queue is full; retry after the estimated wait."""
 
@@ -67,6 +101,24 @@ class QueueFull(SameseedError):
     def headers(self) -> dict[str, str]:
         """Retry-After in whole seconds."""
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class KeyUnavailable(SameseedError):
+    """The request names a reproducibility key no worker of this server has."""
+
+    status, type = 409, "key_unavailable"
+
+
+class ClientDisconnected(SameseedError):
+    """The client went away before its answer was ready (nginx's 499)."""
+
+    status, type = 499, "client_disconnected"
+
+
+class OutOfMemory(SameseedError):
+    """The device ran out of memory for this image; the worker keeps serving."""
+
+    status, type = 503, "out_of_memory"
 
 
 class NotReady(SameseedError):
@@ -113,6 +165,9 @@ ERROR_CLASSES: dict[str, type[SameseedError]] = {
         NotFound,
         MethodNotAllowed,
         QueueFull,
+        KeyUnavailable,
+        ClientDisconnected,
+        OutOfMemory,
         NotReady,
         ModelUnavailable,
         WorkerLost,

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
-from app.api import generations, health, models
+from app.api import generations, health, metrics, models
 from app.dispatcher import Dispatcher, Pool
 from app.errors import SameseedError, error_body
+from app.metrics import Metrics
 from app.registry import load_registry
 from app.settings import Settings
 from app.worker.messages import WorkerConfig
@@ -51,6 +52,8 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
     if registry.get(default_model) is None:
         raise ValueError(f"SAMESEED_DEFAULT_MODEL={default_model!r} is not in the registry {settings.models}")
 
+    configs = worker_configs(settings, default_model)  # `cuda` without GPUs fails here, before serving
+
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +62,9 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
             default_model=default_model,
             max_queue=settings.max_queue,
             job_timeout_s=settings.job_timeout_s,
+            metrics=fastapi_app.state.metrics,
         )
-        pool = pool_factory(worker_configs(settings, default_model), dispatcher.on_event)
+        pool = pool_factory(configs, dispatcher.on_event)
         dispatcher.attach(pool)
         pool.start()
         fastapi_app.state.dispatcher = dispatcher
@@ -76,7 +80,8 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
         lifespan=lifespan,
     )
     fastapi_app.state.settings = settings
-    for router in (generations.router, health.router, models.router):
+    fastapi_app.state.metrics = Metrics()
+    for router in (generations.router, health.router, models.router, metrics.router):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)
     return fastapi_app

@@ -42,6 +42,13 @@ class GenerationRequest(BaseModel):
     num_images: Annotated[
         int, Field(ge=1, le=MAX_IMAGES, description="Image k uses seed + k, generated on its own.")
     ] = 1
+    reproducibility_key: Annotated[
+        str | None,
+        Field(
+            pattern=r"^rk1-[0-9a-f]{64}$",
+            description="Run only on workers with this key (replays); 409 when none has it.",
+        ),
+    ] = None
 
 
 class GeneratedImage(BaseModel):
@@ -97,6 +104,7 @@ class ReadyResponse(BaseModel):
     """GET /readyz."""
 
     ready: bool
+    draining: bool
     queue_depth: int
     workers: list[WorkerStatus]
 

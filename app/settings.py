@@ -36,9 +36,25 @@ class Settings(BaseSettings):
         default=None, description="Registry id used when a request names no model."
     )
     job_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    drain_s: Annotated[float, Field(ge=0)] = Field(
+        default=60.0, description="On SIGTERM: seconds admitted jobs get to finish before exit."
+    )
     worker_start_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     allow_download: bool = False
     log_level: str = "info"
+    signing_key_file: Path | None = Field(
+        default=None, description="Ed25519 private key (PEM) that signs manifests; absent: one generated in the data dir."
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="API keys, one per line (plain or sha256:<hex>); set: Bearer auth required."
+    )
+    retention_days: Annotated[float | None, Field(gt=0)] = Field(
+        default=None, description="Prune image files older than this; ledger rows stay. Absent: keep forever."
+    )
+    retention_max_gb: Annotated[float | None, Field(gt=0)] = Field(
+        default=None, description="Prune the oldest image files while the store exceeds this size."
+    )
+    retention_interval_s: Annotated[float, Field(gt=0)] = 600.0
 
     @field_validator("workers")
     @classmethod
@@ -57,6 +73,13 @@ class Settings(BaseSettings):
         if value not in {"critical", "error", "warning", "info", "debug"}:
             raise ValueError(f"SAMESEED_LOG_LEVEL must be a logging level name; got {value!r}")
         return value
+
+    @field_validator("signing_key_file", "api_keys_file")
+    @classmethod
+    def _check_secret_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"names no readable file: {value}")
+        return value.resolve() if value is not None else None
 
     @field_validator("models")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.api.deps import DispatcherDep
 from app.api.responses import ERROR_RESPONSES
@@ -15,10 +15,12 @@ router = APIRouter(prefix="/v1", tags=["generations"])
 
 
 @router.post("/generations", response_model=GenerationResponse, responses=ERROR_RESPONSES)
-async def create_generation(body: GenerationRequest, dispatcher: DispatcherDep) -> GenerationResponse:
+async def create_generation(
+    body: GenerationRequest, dispatcher: DispatcherDep, http_request: Request
+) -> GenerationResponse:
     """Generate images deterministically and return them with their manifest and hashes."""
     received = utc_now()
-    outcome = await dispatcher.generate(body, received_at=received)
+    outcome = await dispatcher.generate(body, received_at=received, disconnected=http_request.is_disconnected)
     return GenerationResponse(
         id=outcome.id,
         images=[

@@ -23,6 +23,7 @@ async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
     """200 when a worker has its pipeline loaded, else 503; lists every worker either way."""
     body = ReadyResponse(
         ready=dispatcher.ready(),
+        draining=dispatcher.draining,
         queue_depth=dispatcher.waiting_jobs(),
         workers=[WorkerStatus(**w.describe()) for w in dispatcher.workers()],
     )

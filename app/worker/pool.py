@@ -31,6 +31,7 @@ class WorkerState(enum.StrEnum):
     BUSY = "busy"
     RESTARTING = "restarting"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
     STOPPED = "stopped"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -128,6 +129,10 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     """Entry point of a spawned worker: start, report ready or failed, then serve until told to stop."""
     from app.pipeline.determinism import prepare_environment
 
+    # The server owns this process's lifecycle (Shutdown message, or kill): a Ctrl-C or SIGTERM
+    # sent to the whole process group must not cut an image short while the server drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     prepare_environment(config.device, config.cpu_threads)  # before torch is imported
     _setup_logging(config)
     started = time.perf_counter()
@@ -175,6 +180,12 @@ def serve(engine: Engine, conn: Connection) -> None:
             continue
         try:
             reply: Any = engine.render(message)
+            log.info(
+                "image %d rendered in %.3fs",
+                message.index,
+                reply.seconds,
+                extra={"generation_id": message.job_id, "seed": message.seed, "latent_sha256": reply.latent_sha256},
+            )
         except SameseedError as exc:
             reply = ImageFailed(
                 message.job_id, message.index, engine.config.worker_id, exc.type, exc.message, exc.param

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server: one registry per app, fed by the dispatcher."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+WORKER_STATES = ("starting", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
+
+
+class Metrics:
+    """Every series the service exports; each app owns its own registry (tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("sameseed_queue_depth", "Requests admitted and not yet started", registry=r)
+        self.images_pending = Gauge("sameseed_images_pending", "Images waiting for a worker", registry=r)
+        self.jobs = Counter("sameseed_jobs", "Generation requests by outcome", ["outcome"], registry=r)
+        self.images = Counter("sameseed_images", "Images generated", ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "sameseed_queue_wait_seconds", "Admission to first image started", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.generation = Histogram(
+            "sameseed_generation_seconds", "One image inside a worker", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.end_to_end = Histogram(
+            "sameseed_request_seconds", "Admission to answer, successful requests", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.worker_state = Gauge(
+            "sameseed_worker_state", "1 for the state each worker is in", ["worker", "state"], registry=r
+        )
+        self.worker_busy = Counter(
+            "sameseed_worker_busy_seconds", "Seconds each worker spent generating", ["worker"], registry=r
+        )
+        self.worker_jobs = Counter("sameseed_worker_images", "Images each worker generated", ["worker"], registry=r)
+        self.worker_restarts = Counter("sameseed_worker_restarts", "Worker process restarts", ["worker"], registry=r)
+        self.retries = Counter("sameseed_image_retries", "Images retried after their worker died", registry=r)
+        self.vae_upcasts = Counter(
+            "sameseed_vae_upcasts", "Images whose decode gave NaN/Inf and was redone in fp32", ["model"], registry=r
+        )
+
+    def set_worker_state(self, worker: str, state: str) -> None:
+        """Mark `state` as the one current state of `worker`."""
+        for name in WORKER_STATES:
+            self.worker_state.labels(worker=worker, state=name).set(1 if name == state else 0)
