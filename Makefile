@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint venv clean
+.PHONY: serve test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ lint: venv
 
 test: lint
 	$(VENV)/bin/python -m pytest
+
+bench: venv
+	$(VENV)/bin/python -m app bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

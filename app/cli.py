@@ -67,6 +67,14 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
+    from app.bench import run_bench
+
+    run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, out=args.out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m app`."""
     root = argparse.ArgumentParser(prog="python -m app", description="Sameseed deterministic image service")
@@ -84,6 +92,13 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("model")
     build.add_argument("--out", type=Path, default=None, help="folder (default: <data dir>/models/<model>)")
     build.set_defaults(func=cmd_models_build)
+
+    bench = commands.add_parser("bench", help="measure this machine: overhead, worker scaling, time to ready")
+    bench.add_argument("--runs", type=int, default=9, help="interleaved runs per side for the overhead ratio")
+    bench.add_argument("--images", type=int, default=12, help="images per throughput measurement")
+    bench.add_argument("--ready-runs", type=int, default=3, help="server starts timed")
+    bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    bench.set_defaults(func=cmd_bench)
     return root
 
 

@@ -61,10 +61,6 @@ def in_background(fn, *args, **kwargs):
     return thread, result
 
 
-def post(srv, **body):
-    return srv.client.post("/v1/generations", json={"prompt": "a photo of a cat", **body})
-
-
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("two"), SAMESEED_WORKERS="cpu:2").start()
@@ -104,14 +100,14 @@ def test_a_request_naming_a_key_runs_in_its_group_or_gets_409(two_workers):
     key = two_workers.client.get("/readyz").json()["workers"][0]["models"]["sameseed-tiny"]
     body = two_workers.generate(seed=8, reproducibility_key=key)
     assert body["manifest"]["runtime"]["reproducibility_key"] == key
-    response = post(two_workers, seed=8, reproducibility_key="rk1-" + "0" * 64)
+    response = two_workers.post(seed=8, reproducibility_key="rk1-" + "0" * 64)
     assert response.status_code == 409
     assert response.json()["error"]["param"] == "reproducibility_key" and key in response.json()["error"]["message"]
 
 
 def test_sigkill_of_a_worker_mid_job_is_retried_identically_and_the_worker_comes_back(server, two_workers):
     expected = hashes(server.generate(**SLOW))
-    thread, result = in_background(post, two_workers, **SLOW)
+    thread, result = in_background(two_workers.post, **SLOW)
     victim = wait_for(lambda: busy_worker(two_workers), what="a busy worker")
     os.kill(victim["pid"], signal.SIGKILL)
     thread.join(timeout=120)
@@ -134,11 +130,11 @@ def test_sigkill_of_a_worker_mid_job_is_retried_identically_and_the_worker_comes
 
 def test_sigterm_drains_the_job_in_flight_refuses_new_ones_and_exits_zero(make_server):
     srv = make_server("drain").start()
-    thread, result = in_background(post, srv, **SLOW)
+    thread, result = in_background(srv.post, **SLOW)
     wait_for(lambda: busy_worker(srv), what="a busy worker")
     srv.process.send_signal(signal.SIGTERM)
     wait_for(lambda: srv.client.get("/readyz").json()["draining"], deadline_s=10, what="draining")
-    refused = post(srv, seed=1)
+    refused = srv.post(seed=1)
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
     assert "draining" in refused.json()["error"]["message"]
     thread.join(timeout=120)
@@ -148,11 +144,11 @@ def test_sigterm_drains_the_job_in_flight_refuses_new_ones_and_exits_zero(make_s
 
 def test_full_queue_answers_429_with_retry_after(make_server):
     srv = make_server("queue", SAMESEED_MAX_QUEUE="1").start()
-    running, running_result = in_background(post, srv, **SLOW)
+    running, running_result = in_background(srv.post, **SLOW)
     wait_for(lambda: busy_worker(srv), what="a busy worker")
-    waiting, waiting_result = in_background(post, srv, seed=2)
+    waiting, waiting_result = in_background(srv.post, seed=2)
     wait_for(lambda: srv.client.get("/readyz").json()["queue_depth"] == 1, what="one waiting job")
-    refused = post(srv, seed=3)
+    refused = srv.post(seed=3)
     assert refused.status_code == 429, refused.text
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["type"] == "queue_full"
@@ -176,10 +172,10 @@ def test_a_job_error_is_answered_and_the_worker_keeps_serving(make_server, tmp_p
         f"  - {{id: broken, family: sd1, source: {{local: {broken}}}, defaults: {defaults}}}\n"
     )
     srv = make_server("faulty", SAMESEED_MODELS=str(registry)).start()
-    failed = post(srv, model="broken", seed=1)
+    failed = srv.post(model="broken", seed=1)
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "generation_failed"
     assert "TypeError" in failed.json()["error"]["message"]
-    assert post(srv, model="tiny", seed=1).status_code == 200
+    assert srv.post(model="tiny", seed=1).status_code == 200
     worker = srv.client.get("/readyz").json()["workers"][0]
     assert worker["restarts"] == 0 and worker["jobs_done"] == 1
 
@@ -222,7 +218,7 @@ def test_invalid_settings_fail_fast_naming_the_variable(tmp_path):
 
 
 def test_http_timeout_is_not_needed_for_health_while_busy(two_workers):
-    thread, _ = in_background(post, two_workers, **SLOW)
+    thread, _ = in_background(two_workers.post, **SLOW)
     wait_for(lambda: busy_worker(two_workers), what="a busy worker")
     started = time.monotonic()
     assert httpx.get(two_workers.url + "/healthz", timeout=5).status_code == 200

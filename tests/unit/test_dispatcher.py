@@ -3,7 +3,17 @@ import asyncio
 import pytest
 
 from app.dispatcher import Dispatcher, resolve_request
-from app.errors import GenerationFailed, InvalidRequest, JobTimeout, ModelNotFound, NotReady, QueueFull, WorkerLost
+from app.errors import (
+    ClientDisconnected,
+    GenerationFailed,
+    InvalidRequest,
+    JobTimeout,
+    KeyUnavailable,
+    ModelNotFound,
+    NotReady,
+    QueueFull,
+    WorkerLost,
+)
 from app.schemas import MAX_SEED, GenerationRequest
 from app.worker.messages import RenderImage, WorkerConfig
 from app.worker.pool import WorkerState
@@ -218,3 +228,111 @@ def test_no_usable_worker_is_503_with_the_reason(registry):
             await dispatcher.generate(req(seed=1))
 
     asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------- drain, disconnect, keys, metrics
+
+
+def test_drain_refuses_new_work_and_lets_admitted_jobs_finish(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=1)))
+        await until(lambda: len(renders(pool)) == 1)
+        drain = asyncio.create_task(dispatcher.drain(5.0))
+        await until(lambda: dispatcher.draining)
+        assert not dispatcher.ready()
+        with pytest.raises(NotReady, match="draining"):
+            await dispatcher.generate(req(seed=2))
+        pool.answer("w0", renders(pool)[0])
+        assert (await task).images[0].seed == 1
+        assert await drain == 0
+
+    asyncio.run(scenario())
+
+
+def test_drain_cuts_jobs_still_running_at_the_deadline(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=1)))
+        await until(lambda: len(renders(pool)) == 1)
+        assert await dispatcher.drain(0.05) == 1
+        with pytest.raises(NotReady, match="shut down"):
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_a_disconnected_client_frees_its_place_in_the_queue(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        gone = asyncio.Event()
+
+        async def disconnected():
+            return gone.is_set()
+
+        task = asyncio.create_task(dispatcher.generate(req(seed=1, num_images=3), disconnected=disconnected))
+        await until(lambda: dispatcher.waiting_jobs() == 1)
+        gone.set()
+        with pytest.raises(ClientDisconnected):
+            await task
+        assert dispatcher.waiting_jobs() == 0
+        pool.ready("w0")
+        assert renders(pool) == []  # nothing of the abandoned job reaches a worker
+
+    asyncio.run(scenario())
+
+
+def test_a_request_naming_an_unknown_key_is_409_listing_the_known_ones(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0", group_key="A")
+        pool.ready("w1", group_key="B")
+        pool.workers["w0"].models = {"sameseed-tiny": {"reproducibility_key": "rk1-" + "a" * 64}}
+        pool.workers["w1"].models = {"sameseed-tiny": {"reproducibility_key": "rk1-" + "b" * 64}}
+        with pytest.raises(KeyUnavailable, match="rk1-aaaa"):
+            await dispatcher.generate(req(seed=1, reproducibility_key="rk1-" + "c" * 64))
+        task = asyncio.create_task(dispatcher.generate(req(seed=1, reproducibility_key="rk1-" + "b" * 64)))
+        await until(lambda: len(renders(pool)) == 1)
+        assert pool.sent[0][0] == "w1"
+        pool.answer("w1", renders(pool)[0])
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_least_busy_idle_worker_gets_the_next_image(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0")
+        pool.ready("w1")
+        dispatcher._busy_s = {"w0": 10.0, "w1": 1.0}
+        task = asyncio.create_task(dispatcher.generate(req(seed=1)))
+        await until(lambda: len(renders(pool)) == 1)
+        assert pool.sent[0][0] == "w1"
+        pool.answer("w1", renders(pool)[0])
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_metrics_count_outcomes_and_worker_states(registry):
+    async def scenario():
+        dispatcher, pool = make(registry)
+        pool.ready("w0")
+        task = asyncio.create_task(dispatcher.generate(req(seed=1)))
+        await until(lambda: len(renders(pool)) == 1)
+        pool.answer("w0", renders(pool)[0])
+        await task
+        with pytest.raises(InvalidRequest):
+            await dispatcher.generate(req(width=63))
+        return dispatcher.metrics
+
+    metrics = asyncio.run(scenario())
+    value = metrics.registry.get_sample_value
+    assert value("sameseed_jobs_total", {"outcome": "ok"}) == 1
+    assert value("sameseed_jobs_total", {"outcome": "invalid_request"}) == 1
+    assert value("sameseed_worker_state", {"worker": "w0", "state": "ready"}) == 1
+    assert value("sameseed_worker_images_total", {"worker": "w0"}) == 1
+    assert value("sameseed_request_seconds_count") == 1

@@ -1,0 +1,172 @@
+"""`python -m app bench`: service overhead, worker scaling and time to ready, measured side by side."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from app.launcher import ServerProcess
+
+BENCH_MODEL = "sameseed-bench"
+
+
+@dataclass
+class BenchReport:
+    """Every figure the bench measured, with the targets they are judged against."""
+
+    overhead_http_median_s: float
+    overhead_direct_median_s: float
+    overhead_ratio: float
+    throughput_1_worker_ips: float
+    throughput_2_workers_ips: float
+    scaling: float
+    ready_median_s: float
+    ready_runs_s: list[float]
+    params: dict[str, Any]
+
+    def table(self) -> str:
+        """A plain-text table of the results against their targets."""
+        rows = [
+            ("end-to-end HTTP, median", f"{self.overhead_http_median_s:.3f} s", ""),
+            ("plain diffusers in-process, median", f"{self.overhead_direct_median_s:.3f} s", ""),
+            (
+                "overhead ratio (HTTP / direct)",
+                f"{self.overhead_ratio:.3f}",
+                _verdict(self.overhead_ratio <= 1.05, "<= 1.05"),
+            ),
+            ("cpu:1 throughput", f"{self.throughput_1_worker_ips:.3f} img/s", ""),
+            ("cpu:2 throughput", f"{self.throughput_2_workers_ips:.3f} img/s", ""),
+            ("scaling (cpu:2 / cpu:1)", f"{self.scaling:.2f}x", _verdict(self.scaling >= 1.7, ">= 1.7")),
+            (
+                "process start to ready, median",
+                f"{self.ready_median_s:.2f} s",
+                _verdict(self.ready_median_s <= 8, "<= 8 s"),
+            ),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{name:<{width}}  {value:>14}  {target}" for name, value, target in rows]
+        return "\n".join(lines)
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"target {target}: {'met' if ok else 'MISSED'}"
+
+
+def _direct_pipeline(folder: Path, threads: int) -> Any:
+    import torch
+
+    from app.pipeline.determinism import configure_torch
+    from app.pipeline.loader import quiet_libraries
+
+    configure_torch("cpu", threads, True)
+    quiet_libraries()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    torch.set_num_threads(threads)
+    return pipe
+
+
+def _direct_call(pipe: Any, params: dict[str, Any]) -> float:
+    import torch
+
+    started = time.perf_counter()
+    pipe(
+        params["prompt"],
+        num_inference_steps=params["steps"],
+        guidance_scale=params["guidance_scale"],
+        width=params["width"],
+        height=params["height"],
+        generator=torch.Generator("cpu").manual_seed(params["seed"]),
+        output_type="pil",
+    )
+    return time.perf_counter() - started
+
+
+def _http_call(server: ServerProcess, params: dict[str, Any]) -> float:
+    started = time.perf_counter()
+    response = server.post(model=BENCH_MODEL, sampler="pndm", **params)
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"bench request failed: {response.status_code} {response.text[:500]}")
+    return elapsed
+
+
+def measure_overhead(work: Path, runs: int, params: dict[str, Any]) -> tuple[float, float]:
+    """Interleave HTTP and in-process runs on the bench model; return both medians."""
+    server = ServerProcess(work / "data", SAMESEED_DEFAULT_MODEL=BENCH_MODEL).start()
+    try:
+        folder = Path(server.post(model=BENCH_MODEL, **{**params, "steps": 1}).json()["manifest"]["model"]["source"])
+        pipe = _direct_pipeline(folder, threads=1)
+        _direct_call(pipe, params)  # warm both sides
+        _http_call(server, params)
+        http, direct = [], []
+        for i in range(runs):
+            order = (_http_call, _direct_call) if i % 2 == 0 else (_direct_call, _http_call)
+            for call in order:
+                if call is _http_call:
+                    http.append(_http_call(server, params))
+                else:
+                    direct.append(_direct_call(pipe, params))
+    finally:
+        server.stop()
+    return statistics.median(http), statistics.median(direct)
+
+
+def measure_throughput(work: Path, workers: int, images: int, params: dict[str, Any]) -> float:
+    """Images per second of a `cpu:<workers>` server (1 thread each) on concurrent single-image requests."""
+    server = ServerProcess(work / "data", SAMESEED_WORKERS=f"cpu:{workers}", SAMESEED_DEFAULT_MODEL=BENCH_MODEL).start()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as warm:
+            list(warm.map(lambda k: _http_call(server, {**params, "seed": k}), range(workers)))
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=images) as pool:
+            list(pool.map(lambda k: _http_call(server, {**params, "seed": 1000 + k}), range(images)))
+        return images / (time.perf_counter() - started)
+    finally:
+        server.stop()
+
+
+def measure_ready(work: Path, runs: int) -> list[float]:
+    """Seconds from spawning `python -m app serve` (embedded default model) to /readyz 200."""
+    times = []
+    for _ in range(runs):
+        server = ServerProcess(work / "data")
+        try:
+            times.append(server.start(wait_ready=False).wait_ready())
+        finally:
+            server.stop()
+    return times
+
+
+def run_bench(*, runs: int = 9, images: int = 12, ready_runs: int = 3, out: Path | None = None) -> BenchReport:
+    """Run every measurement in one process, print the table, optionally write JSON."""
+    params = {"prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128}
+    with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
+        work = Path(tmp)
+        ready = measure_ready(work, ready_runs)
+        http_s, direct_s = measure_overhead(work, runs, params)
+        one = measure_throughput(work, 1, images, params)
+        two = measure_throughput(work, 2, images, params)
+    report = BenchReport(
+        overhead_http_median_s=http_s,
+        overhead_direct_median_s=direct_s,
+        overhead_ratio=http_s / direct_s,
+        throughput_1_worker_ips=one,
+        throughput_2_workers_ips=two,
+        scaling=two / one,
+        ready_median_s=statistics.median(ready),
+        ready_runs_s=[round(t, 3) for t in ready],
+        params={**params, "model": BENCH_MODEL, "runs": runs, "images": images, "threads_per_worker": 1},
+    )
+    print(report.table())
+    if out is not None:
+        out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
