@@ -1,29 +1,81 @@
-# Sameseed service image (first version; the deployment issue pins a CUDA base image by digest).
-# torch==2.13.0 from requirements.lock is PyPI's CUDA build on x86_64: it carries its own CUDA
-# runtime libraries, so the host needs only the NVIDIA driver and container toolkit for GPUs.
-FROM python:3.11-slim-bookworm
+# syntax=docker/dockerfile:1
+# Sameseed service image: `docker compose up` on a team GPU server (README "Deploy on a team GPU server").
+#
+# Base: NVIDIA's official CUDA 13.0.3 image for Ubuntu 24.04, pinned by tag and digest. torch==2.13.0
+# (requirements.lock) is PyPI's CUDA 13.0 build; it loads cuBLAS, cuDNN 9.20 and the rest from the
+# pip wheels pinned in requirements-cuda.lock. The `base` flavour adds no second copy of those
+# libraries (the `runtime`/`cudnn-runtime` flavours would put other cuBLAS/cuDNN builds on the library
+# path, and which one loads would then depend on search order). It brings Ubuntu, the driver check of
+# the NVIDIA container toolkit (NVIDIA_REQUIRE_CUDA: driver >= 580) and its NVIDIA_* variables.
+# Digests were read from public references, not from the registry: `docker buildx imagetools
+# inspect <image:tag>` confirms them; override with --build-arg to move to another base.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.3-base-ubuntu24.04@sha256:7c7413a56200486f71f181cad9310f6fd31b6bb21816ade15fc9c1e1e927a5c1
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.12.23@sha256:61d393e44e249f2e4b526b6c7ddcecce245946826e608e11c93ad4f5bba55b21
 
-ENV PYTHONUNBUFFERED=1 \
+FROM ${UV_IMAGE} AS uv
+
+# ---------------------------------------------------------------- build: Python and the locked packages
+FROM ${CUDA_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
+# Python 3.11 as in CI (Ubuntu 24.04 ships 3.12): uv 0.12.23 pins the CPython 3.11.17 build it
+# downloads by sha256. No uv cache: the layers hold only what runs.
+ENV UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_PYTHON_PREFERENCE=only-managed \
+    UV_NO_CACHE=1 \
+    UV_LINK_MODE=copy
+RUN uv python install 3.11.17 \
+    && uv venv --python 3.11.17 /opt/venv
+COPY requirements.lock requirements-cuda.lock /tmp/lock/
+# --no-deps: nothing the locks do not name is installed; `pip check` then fails the build if they are
+# incomplete (a dependency missing or at another version).
+RUN uv pip install --python /opt/venv/bin/python --no-deps --compile-bytecode \
+        -r /tmp/lock/requirements.lock -r /tmp/lock/requirements-cuda.lock \
+    && uv pip check --python /opt/venv/bin/python
+
+# ---------------------------------------------------------------- runtime
+FROM ${CUDA_IMAGE} AS runtime
+ARG CUDA_IMAGE
+ARG SAMESEED_VERSION=0.1.0
+ARG SAMESEED_REVISION=unknown
+LABEL org.opencontainers.image.title="sameseed" \
+      org.opencontainers.image.description="Deterministic Stable Diffusion generation with provenance manifests" \
+      org.opencontainers.image.version="${SAMESEED_VERSION}" \
+      org.opencontainers.image.revision="${SAMESEED_REVISION}" \
+      org.opencontainers.image.base.name="${CUDA_IMAGE}"
+
+RUN groupadd --gid 10001 sameseed \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin sameseed \
+    && mkdir -p /data /cache/huggingface \
+    && chown sameseed:sameseed /data /cache/huggingface
+COPY --from=build /opt/python /opt/python
+COPY --from=build /opt/venv /opt/venv
+
+# CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts (the workers set it too); PYTHONHASHSEED
+# fixes set/dict iteration order; the SAMESEED_IMAGE_* values reach every manifest as runtime.image
+# (provenance, not part of the reproducibility key).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     PYTHONHASHSEED=0 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+    HF_HOME=/cache/huggingface \
+    HF_HUB_DISABLE_TELEMETRY=1 \
     SAMESEED_HOST=0.0.0.0 \
     SAMESEED_PORT=8000 \
-    SAMESEED_DATA_DIR=/data
+    SAMESEED_DATA_DIR=/data \
+    SAMESEED_IMAGE_VERSION=${SAMESEED_VERSION} \
+    SAMESEED_IMAGE_REVISION=${SAMESEED_REVISION} \
+    SAMESEED_IMAGE_BASE=${CUDA_IMAGE}
 
 WORKDIR /srv/sameseed
-COPY requirements.lock ./
-RUN python -m pip install --no-cache-dir -r requirements.lock
-
 COPY app ./app
-RUN useradd --create-home --uid 10001 sameseed \
-    && mkdir -p /data \
-    && chown sameseed /data
-USER sameseed
+COPY deploy ./deploy
+USER 10001:10001
 
 EXPOSE 8000
-VOLUME ["/data"]
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"]
+VOLUME ["/data", "/cache/huggingface"]
+# Healthy = /readyz answers 200: a worker has its model loaded. The first start may download models
+# (SAMESEED_ALLOW_DOWNLOAD) or hash them: the start period is long.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('SAMESEED_PORT', '8000'), timeout=4)"]
 CMD ["python", "-m", "app", "serve"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -67,12 +68,117 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    """Make models loadable offline (hub: download, verify, pin; builtin: build; local: check); print hashes."""
+    from app.errors import SameseedError
+    from app.pipeline.hub import pull
+    from app.pipeline.loader import resolve_paths, verify_files
+    from app.registry import load_registry
+
+    settings = _settings()
+    registry = load_registry(settings.models)
+    data_dir = settings.data_dir.resolve()
+    ids = args.models or [entry.id for entry in registry.models]
+    unknown = [model_id for model_id in ids if registry.get(model_id) is None]
+    if unknown:
+        print(f"sameseed: not in the registry {settings.models}: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for model_id in ids:
+        entry = registry.get(model_id)
+        assert entry is not None
+        try:
+            # 1. Hub files, with progress bars, whatever SAMESEED_ALLOW_DOWNLOAD says: pulling is asked for here.
+            pull(entry, data_dir=data_dir, allow_download=True, progress=True)
+            # 2. Every file the model loads from, checked as a worker checks it before loading.
+            files = verify_files(entry, resolve_paths(entry, registry, data_dir, allow_download=False))
+        except SameseedError as exc:
+            print(f"sameseed: {exc.message}", file=sys.stderr)
+            failed += 1
+            continue
+        # YAML: paste under the model's `sha256:` in the registry to pin these bytes on every server.
+        print(f"{model_id}:")
+        for rel, digest in files.items():
+            print(f"  {rel}: {digest}")
+        print(f"{model_id}: {len(files)} files ready to load offline", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _remote(args: argparse.Namespace):  # noqa: ANN202 - a SameseedClient
+    from app.remote import SameseedClient
+
+    return SameseedClient(args.server, api_key=args.api_key)
+
+
+def cmd_golden_run(args: argparse.Namespace) -> int:
+    """Run the golden suite on a server now; write the report; exit 1 when any worker drifted."""
+    from app.remote import RemoteError
+
+    client = _remote(args)
+    try:
+        report = client.call("POST", "/v1/consistency/run")
+    except RemoteError as exc:
+        print(f"sameseed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    for worker in report["workers"]:
+        print(f"{worker['id']:6} {worker['state']:18} {worker['worker_state']:12} checks={worker['checks_run']}")
+    print(f"status: {report['status']}")
+    return 1 if report["status"] == "drifted" else 0
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    """Export a server's golden baselines to a file, or import a file into it."""
+    from app.remote import RemoteError
+
+    client = _remote(args)
+    try:
+        if args.action == "export":
+            document = client.call("GET", "/v1/consistency/baselines")
+            args.file.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+            print(f"exported {len(document['baselines'])} baselines to {args.file}")
+        else:
+            body = json.loads(args.file.read_text())
+            result = client.call("PUT", "/v1/consistency/baselines", json=body, params={"replace": args.replace})
+            print(f"imported {result['imported']} baselines")
+    except (RemoteError, OSError, ValueError) as exc:
+        print(f"sameseed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
     from app.bench import run_bench
 
     run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, out=args.out)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a PNG or manifest JSON offline against public keys; exit 0 valid, 1 not valid, 2 unusable input."""
+    import json
+
+    from app.provenance.png import PNG_SIGNATURE
+    from app.provenance.signing import load_public_keys
+    from app.provenance.verification import parse_manifest, verify_manifest, verify_png
+
+    try:
+        keys = {kid: key for source in args.public_key for kid, key in load_public_keys(source).items()}
+        data = args.file.read_bytes()
+        is_png = data.startswith(PNG_SIGNATURE)
+        result = verify_png(data, keys) if is_png else verify_manifest(parse_manifest(data), keys)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"sameseed: cannot verify: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2))
+    return 0 if result.valid else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,13 +191,38 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (SAMESEED_PORT, default 8000)")
     serve.set_defaults(func=cmd_serve)
 
-    models = commands.add_parser("models", help="list or build models").add_subparsers(dest="action", required=True)
+    models = commands.add_parser("models", help="list, build or pull models")
+    models = models.add_subparsers(dest="action", required=True)
     listing = models.add_parser("list", help="list the registered models")
     listing.set_defaults(func=cmd_models_list)
-    build = models.add_parser("build", help="build a builtin random-weight model (sameseed-tiny, sameseed-bench)")
+    build = models.add_parser(
+        "build", help="build a builtin random-weight model (sameseed-tiny, sameseed-tiny-xl, sameseed-bench)"
+    )
     build.add_argument("model")
     build.add_argument("--out", type=Path, default=None, help="folder (default: <data dir>/models/<model>)")
     build.set_defaults(func=cmd_models_build)
+    pulling = models.add_parser("pull", help="download hub models (verified, sha256-pinned), build builtins")
+    pulling.add_argument("models", nargs="*", metavar="ID", help="registry ids (default: every model)")
+    pulling.set_defaults(func=cmd_models_pull)
+
+    golden = commands.add_parser("golden", help="golden-suite checks").add_subparsers(dest="action", required=True)
+    golden_run = golden.add_parser("run", help="run the golden suite on a server now and keep the report")
+    golden_run.add_argument("--server", required=True, help="base URL, e.g. http://gpu-box:8000")
+    golden_run.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    golden_run.add_argument("--api-key", default=None, help="Bearer key (default: $SAMESEED_API_KEY)")
+    golden_run.set_defaults(func=cmd_golden_run)
+
+    baselines = commands.add_parser("baselines", help="export/import golden baselines").add_subparsers(
+        dest="action", required=True
+    )
+    for action, helptext in (("export", "write a server's baselines to FILE"), ("import", "load FILE into a server")):
+        sub = baselines.add_parser(action, help=helptext)
+        sub.add_argument("file", type=Path)
+        sub.add_argument("--server", required=True, help="base URL, e.g. http://gpu-box:8000")
+        sub.add_argument("--api-key", default=None, help="Bearer key (default: $SAMESEED_API_KEY)")
+        if action == "import":
+            sub.add_argument("--replace", action="store_true", help="drop the server's baselines first")
+        sub.set_defaults(func=cmd_baselines)
 
     bench = commands.add_parser("bench", help="measure this machine: overhead, worker scaling, time to ready")
     bench.add_argument("--runs", type=int, default=9, help="interleaved runs per side for the overhead ratio")
@@ -99,7 +230,29 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--ready-runs", type=int, default=3, help="server starts timed")
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    verify = commands.add_parser("verify", help="verify a PNG or manifest JSON offline (signature, pixels)")
+    verify.add_argument("file", type=Path, help="a PNG the service wrote, or a manifest JSON file")
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        help="a public key PEM file, a saved GET /v1/keys JSON, or base64 of the raw key; repeatable",
+    )
+    verify.set_defaults(func=cmd_verify)
+
+    compare = commands.add_parser("compare", help="compare generations across machines: key fields, hashes, drift")
+    compare.add_argument("files", nargs="+", type=Path, help="2+ manifest JSON, /v1/generations response or PNG files")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    compare.set_defaults(func=cmd_compare)
     return root
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare generations; exit 0 all hashes agree, 1 they differ, 2 unusable input."""
+    from app.provenance.comparison import run_compare
+
+    return run_compare(args.files, as_json=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from app.consistency import ConsistencyMonitor, GoldenRun, WorkerConsistency
 from app.errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -35,7 +36,7 @@ from app.metrics import Metrics
 from app.provenance.manifest import Manifest
 from app.registry import Registry
 from app.schemas import MAX_SEED, GenerationRequest
-from app.worker.messages import ImageFailed, ImageRendered, RenderImage
+from app.worker.messages import ImageFailed, ImageRendered, RenderImage, WorkerReady
 from app.worker.pool import WorkerExited, WorkerHandle, WorkerState
 
 log = logging.getLogger("app.dispatcher")
@@ -185,12 +186,14 @@ class Dispatcher:
         max_queue: int,
         job_timeout_s: float,
         metrics: Metrics | None = None,
+        consistency: ConsistencyMonitor | None = None,
     ) -> None:
         self.registry = registry
         self.default_model = default_model
         self.max_queue = max_queue
         self.job_timeout_s = job_timeout_s
         self.metrics = metrics or Metrics()
+        self.consistency = consistency
         self.pool: Pool | None = None
         self.draining = False
         self._pending: deque[tuple[Job, int]] = deque()
@@ -200,6 +203,10 @@ class Dispatcher:
         self._restarts_seen: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._checks: dict[str, GoldenRun] = {}  # golden runs in flight, by run id
+        self._check_done: dict[str, asyncio.Future[WorkerConsistency | None]] = {}
+        self._quarantined: set[str] = set()
+        self._periodic: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, pool: Pool) -> None:
@@ -226,6 +233,8 @@ class Dispatcher:
     async def close(self) -> None:
         """Stop accepting, fail what is left, stop the workers."""
         self.draining = True
+        if self._periodic is not None:
+            self._periodic.cancel()
         for job in list(self._jobs.values()):
             self._fail(job, NotReady("the server is shutting down"))
         if self.pool is not None:
@@ -240,6 +249,14 @@ class Dispatcher:
     def ready(self) -> bool:
         """True when not draining and at least one worker has its pipeline loaded and takes work."""
         return not self.draining and any(w.state in SERVING for w in self.workers())
+
+    def consistency_state(self, worker_id: str) -> str | None:
+        """A worker's golden-check state, or None when checks are off."""
+        return self.consistency.worker(worker_id).state if self.consistency is not None else None
+
+    def checks_in_flight(self) -> int:
+        """Golden runs queued or running."""
+        return len(self._checks)
 
     def waiting_jobs(self) -> int:
         """Jobs admitted but not yet started."""
@@ -339,8 +356,14 @@ class Dispatcher:
         """Give each idle worker, least busy first, the oldest image it may run (its job's group only)."""
         if self.pool is not None:
             self._pending = deque(t for t in self._pending if not t[0].done)
-            idle = [w for w in self.workers() if w.state is WorkerState.READY]
+            idle = [w for w in self.workers() if w.state in (WorkerState.READY, WorkerState.QUARANTINED)]
             for worker in sorted(idle, key=lambda w: (self._busy_s.get(w.id, 0.0), w.id)):
+                run = self._golden_for(worker)
+                if run is not None:  # golden images go before jobs: the check judges the worker first
+                    self._dispatch_golden(worker, run)
+                    continue
+                if worker.state is not WorkerState.READY:
+                    continue
                 task = next((t for t in self._pending if t[0].group_key in (None, worker.group_key)), None)
                 if task is not None:
                     self._pending.remove(task)
@@ -382,16 +405,18 @@ class Dispatcher:
             self._on_image_failed(worker, event)
         elif isinstance(event, WorkerExited):
             self._on_worker_exit(worker)
+        elif isinstance(event, WorkerReady):
+            self.start_check(worker)
         if not any(w.state in SERVING or w.state in COMING for w in self.workers()):
             reasons = "; ".join(f"{w.id}: {w.last_error}" for w in self.workers())
             for job in list(self._jobs.values()):
                 self._fail(job, NotReady(f"no worker can serve requests ({reasons})"))
         self._pump()
 
-    def _release(self, worker: WorkerHandle) -> tuple[Job, int] | None:
+    def _release(self, worker: WorkerHandle) -> tuple[Any, int] | None:
         current, worker.current = worker.current, None
         if worker.state is WorkerState.BUSY:
-            worker.state = WorkerState.READY
+            worker.state = WorkerState.QUARANTINED if worker.id in self._quarantined else WorkerState.READY
         if current is None:
             return None
         job, index, started = current
@@ -403,6 +428,11 @@ class Dispatcher:
 
     def _on_image(self, worker: WorkerHandle, event: ImageRendered) -> None:
         self._release(worker)
+        if event.model_loaded:
+            worker.models[event.model_loaded["model"]] = event.model_loaded
+        if event.job_id in self._checks:
+            self._on_golden(self._checks[event.job_id], event.index, event, None)
+            return
         worker.jobs_done += 1
         self.metrics.worker_jobs.labels(worker=worker.id).inc()
         self.metrics.generation.observe(event.seconds)
@@ -410,8 +440,6 @@ class Dispatcher:
         self.metrics.images.labels(model=model).inc()
         if getattr(event, "vae_upcast", False):
             self.metrics.vae_upcasts.labels(model=model).inc()
-        if event.model_loaded:
-            worker.models[event.model_loaded["model"]] = event.model_loaded
         job = self._jobs.get(event.job_id)
         if job is None or job.done:
             return
@@ -426,16 +454,21 @@ class Dispatcher:
 
     def _on_image_failed(self, worker: WorkerHandle, event: ImageFailed) -> None:
         self._release(worker)
+        if event.job_id in self._checks:
+            self._on_golden(self._checks[event.job_id], event.index, None, f"{event.error_type}: {event.message}")
+            return
         job = self._jobs.get(event.job_id)
         if job is not None:
             self._fail(job, error_from_type(event.error_type, event.message, event.param))
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        for run in [r for r in self._checks.values() if r.worker_id == worker.id]:
+            self._end_check(run, None)  # a fresh check runs when the worker is ready again
         current = self._release(worker)
         if current is None:
             return
         job, index = current
-        if job.done:
+        if isinstance(job, GoldenRun) or job.done:
             return
         if job.attempts.get(index, 0) < MAX_ATTEMPTS:
             log.warning(
@@ -445,6 +478,100 @@ class Dispatcher:
             self._pending.appendleft((job, index))
         else:
             self._fail(job, WorkerLost(f"the worker died twice while generating image {index} of {job.id}"))
+
+    # ------------------------------------------------------------------ golden checks
+    def start_check(self, worker: WorkerHandle) -> asyncio.Future[WorkerConsistency | None] | None:
+        """Queue a golden-suite run on this worker (ahead of jobs); None when checks are off or moot."""
+        if self.consistency is None or worker.state not in (*SERVING, WorkerState.QUARANTINED):
+            return None
+        running = next((r for r in self._checks.values() if r.worker_id == worker.id), None)
+        if running is not None:
+            return self._check_done[running.id]
+        run = self.consistency.plan(f"golden_{uuid.uuid4().hex}", worker.id, list(worker.models))
+        if not run.items:
+            return None
+        self._checks[run.id] = run
+        future: asyncio.Future[WorkerConsistency | None] = asyncio.get_running_loop().create_future()
+        self._check_done[run.id] = future
+        log.info("golden check queued on %s (%d images)", worker.id, len(run.items))
+        self._pump()
+        return future
+
+    async def run_checks(self, timeout_s: float) -> None:
+        """Run the golden suite on every serving or quarantined worker now and wait for the verdicts."""
+        futures = [f for w in self.workers() if (f := self.start_check(w)) is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout_s)
+
+    def start_periodic_checks(self) -> None:
+        """Every SAMESEED_CONSISTENCY_INTERVAL_S, queue a golden run on each worker (0 turns it off)."""
+        if self.consistency is None or self.consistency.interval_s <= 0 or self._periodic is not None:
+            return
+
+        async def every() -> None:
+            assert self.consistency is not None
+            while True:
+                await asyncio.sleep(self.consistency.interval_s)
+                for worker in self.workers():
+                    self.start_check(worker)
+
+        self._periodic = asyncio.get_running_loop().create_task(every())
+
+    def _golden_for(self, worker: WorkerHandle) -> GoldenRun | None:
+        return next(
+            (r for r in self._checks.values() if r.worker_id == worker.id and r.sent < len(r.messages)), None
+        )
+
+    def _dispatch_golden(self, worker: WorkerHandle, run: GoldenRun) -> None:
+        message = run.messages[run.sent]
+        run.sent += 1
+        worker.state, worker.current = WorkerState.BUSY, (run, message.index, time.monotonic())
+        assert self.pool is not None
+        if not self.pool.send(worker, message):
+            worker.current = None
+
+    def _on_golden(self, run: GoldenRun, index: int, result: ImageRendered | None, error: str | None) -> None:
+        if result is not None:
+            run.results[index] = result
+        else:
+            run.errors[index] = error or "failed"
+        if run.complete:
+            assert self.consistency is not None
+            record = self.consistency.record(run, utc_now())
+            self._end_check(run, record)
+            self._apply_quarantine()
+
+    def _end_check(self, run: GoldenRun, record: WorkerConsistency | None) -> None:
+        self._checks.pop(run.id, None)
+        future = self._check_done.pop(run.id, None)
+        if future is not None and not future.done():
+            future.set_result(record)
+
+    def _apply_quarantine(self) -> None:
+        """Quarantine exactly the drifted workers that have a consistent, serving peer in their group."""
+        if self.consistency is None:
+            return
+        states = {w.id: self.consistency.worker(w.id).state for w in self.workers()}
+        healthy_groups = {
+            w.group_key for w in self.workers()
+            if states[w.id] in ("consistent", "baseline_recorded") and w.state in SERVING
+        }
+        for worker in self.workers():
+            should = (
+                self.consistency.quarantine_on_drift
+                and states[worker.id] == "drifted"
+                and worker.group_key in healthy_groups
+            )
+            if should and worker.id not in self._quarantined:
+                self._quarantined.add(worker.id)
+                log.warning("worker %s quarantined: drifted while a peer of its group is consistent", worker.id)
+                if worker.state is WorkerState.READY:
+                    worker.state = WorkerState.QUARANTINED
+            elif not should and worker.id in self._quarantined:
+                self._quarantined.discard(worker.id)
+                log.info("worker %s back in rotation", worker.id)
+                if worker.state is WorkerState.QUARANTINED:
+                    worker.state = WorkerState.READY
 
     # ------------------------------------------------------------------ endings
     def _fail(self, job: Job, error: SameseedError) -> None:
@@ -499,10 +626,12 @@ class Dispatcher:
                     "width": image.width,
                     "height": image.height,
                     "worker_id": image.worker_id,
+                    "vae_upcast": image.vae_upcast,
                 }
                 for image in images
             ],
             warnings=warnings,
+            conditioning=first.conditioning,
             received=job.received_at,
             started=job.started_at or job.received_at,
             finished=job.finished_at or utc_now(),

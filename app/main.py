@@ -13,10 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
-from app.api import generations, health, metrics, models
+from app.api import consistency, generations, health, metrics, models, provenance, reproduce
+from app.api.auth import install_api_keys
+from app.archive import Archive
+from app.consistency import ConsistencyMonitor
 from app.dispatcher import Dispatcher, Pool
 from app.errors import SameseedError, error_body
 from app.metrics import Metrics
+from app.provenance.golden import BaselineStore, load_suite
 from app.registry import load_registry
 from app.settings import Settings
 from app.worker.messages import WorkerConfig
@@ -40,6 +44,7 @@ def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]
             preload=(default_model,),
             allow_download=settings.allow_download,
             log_level=settings.log_level,
+            image=settings.image_identity(),
         )
         for i, device in enumerate(plan_devices(settings.workers))
     ]
@@ -53,25 +58,41 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
         raise ValueError(f"SAMESEED_DEFAULT_MODEL={default_model!r} is not in the registry {settings.models}")
 
     configs = worker_configs(settings, default_model)  # `cuda` without GPUs fails here, before serving
+    suite = load_suite(settings.golden_suite)
+    archive = Archive(settings)  # an unreadable SAMESEED_SIGNING_KEY_FILE fails here too
 
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await archive.start()
+        fastapi_app.state.archive = archive
         dispatcher = Dispatcher(
             registry=registry,
             default_model=default_model,
             max_queue=settings.max_queue,
             job_timeout_s=settings.job_timeout_s,
             metrics=fastapi_app.state.metrics,
+            consistency=ConsistencyMonitor(
+                suite=suite,
+                store=BaselineStore(settings.data_dir / "consistency" / "baselines.json"),
+                registry=registry,
+                metrics=fastapi_app.state.metrics,
+                interval_s=settings.consistency_interval_s,
+                quarantine_on_drift=settings.quarantine_on_drift,
+            ),
         )
         pool = pool_factory(configs, dispatcher.on_event)
         dispatcher.attach(pool)
         pool.start()
+        dispatcher.start_periodic_checks()
         fastapi_app.state.dispatcher = dispatcher
         try:
             yield
         finally:
-            await dispatcher.close()
+            try:
+                await dispatcher.close()
+            finally:
+                await archive.stop()
 
     fastapi_app = FastAPI(
         title="Sameseed",
@@ -81,14 +102,16 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
     )
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
-    for router in (generations.router, health.router, models.router, metrics.router):
+    routers = (generations, health, models, metrics, provenance, consistency, reproduce)
+    for router in (module.router for module in routers):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)
+    install_api_keys(fastapi_app, settings)
     return fastapi_app
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
 
 

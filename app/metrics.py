@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+CONSISTENCY_STATES = ("consistent", "baseline_recorded", "drifted", "unchecked")
 WORKER_STATES = ("starting", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
 
 
@@ -39,6 +40,25 @@ class Metrics:
         self.vae_upcasts = Counter(
             "sameseed_vae_upcasts", "Images whose decode gave NaN/Inf and was redone in fp32", ["model"], registry=r
         )
+
+        self.consistency_state = Gauge(
+            "sameseed_consistency_state",
+            "1 for each worker's golden-check state (consistent, baseline_recorded, drifted, unchecked)",
+            ["worker", "state"],
+            registry=r,
+        )
+        self.consistency_checks = Counter(
+            "sameseed_consistency_checks", "Golden-suite runs completed", ["worker"], registry=r
+        )
+        self.consistency_mismatches = Counter(
+            "sameseed_consistency_mismatches", "Golden cases whose hashes differed from the baseline", ["worker"],
+            registry=r,
+        )
+
+    def set_consistency_state(self, worker: str, state: str) -> None:
+        """Mark `state` as the one golden-check state of `worker`."""
+        for name in CONSISTENCY_STATES:
+            self.consistency_state.labels(worker=worker, state=name).set(1 if name == state else 0)
 
     def set_worker_state(self, worker: str, state: str) -> None:
         """Mark `state` as the one current state of `worker`."""

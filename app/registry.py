@@ -14,6 +14,9 @@ from app.samplers import SamplerName
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Diffusers-format config folders shipped with Sameseed for single-file checkpoints, by family.
+EMBEDDED_CONFIGS = Path(__file__).resolve().parent / "models" / "configs"
+SINGLE_FILE_CONFIGS: dict[str, str] = {"sd1": "sd15"}
 
 
 class RegistryError(ValueError):
@@ -29,6 +32,10 @@ class HubSource(_Strict):
 
     repo: Annotated[str, Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")]
     revision: str
+    filename: Annotated[
+        str | None,
+        Field(description="One single-file checkpoint in the repo (e.g. v1-5-pruned-emaonly-fp16.safetensors)."),
+    ] = None
 
     @model_validator(mode="after")
     def _pinned(self) -> HubSource:
@@ -36,27 +43,68 @@ class HubSource(_Strict):
             raise ValueError(
                 f"hub revision must be a full 40-hex commit sha (branches and tags move); got {self.revision!r}"
             )
+        if self.filename is not None:
+            _check_single_file(self.filename)
         return self
 
 
+def _check_single_file(path: str) -> None:
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"a single-file checkpoint must be .safetensors (pickles are refused); got {path!r}")
+
+
 class ModelSource(_Strict):
-    """Exactly one of: a local diffusers folder, a pinned hub repo, or a builtin builder."""
+    """Exactly one of: a local diffusers folder, a pinned hub repo, a builtin builder, or a single file.
+
+    A single-file checkpoint (``single_file``, or ``hub`` with a ``filename``) is read with a
+    diffusers-format ``config`` folder; absent, the one Sameseed ships for the model's family.
+    """
 
     local: str | None = None
     hub: HubSource | None = None
     build: str | None = None
+    single_file: str | None = None
+    config: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [name for name in ("local", "hub", "build") if getattr(self, name) is not None]
+        given = [name for name in ("local", "hub", "build", "single_file") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"source needs exactly one of local, hub, build; got {given or 'none'}")
+            raise ValueError(f"source needs exactly one of local, hub, build, single_file; got {given or 'none'}")
+        if self.single_file is not None:
+            _check_single_file(self.single_file)
+        if self.config is not None and not self.is_single_file:
+            raise ValueError("source config is only for single-file checkpoints (single_file, or hub with filename)")
         return self
 
     @property
     def kind(self) -> str:
-        """The source kind: local, hub or build."""
+        """The source kind: local, hub, build or single_file."""
+        if self.single_file is not None:
+            return "single_file"
         return "local" if self.local is not None else "hub" if self.hub is not None else "build"
+
+    @property
+    def is_single_file(self) -> bool:
+        """Whether the weights come as one original-layout checkpoint file (local or from the hub)."""
+        return self.single_file is not None or (self.hub is not None and self.hub.filename is not None)
+
+
+class VaeSource(_Strict):
+    """A replacement VAE (e.g. the SDXL fp16-fix VAE): exactly one of a local diffusers folder or a hub repo."""
+
+    local: str | None = None
+    hub: HubSource | None = None
+    subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VaeSource:
+        given = [name for name in ("local", "hub") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"vae needs exactly one of local, hub; got {given or 'none'}")
+        if self.hub is not None and self.hub.filename is not None:
+            raise ValueError("a replacement vae is a diffusers folder (config.json + safetensors), not a single file")
+        return self
 
 
 class ModelDefaults(_Strict):
@@ -84,9 +132,13 @@ class ModelEntry(_Strict):
     """One registered model."""
 
     id: Annotated[str, Field(pattern=_ID_PATTERN)]
-    family: Literal["sd1"]
+    family: Literal["sd1", "sdxl"]
     description: str = ""
     source: ModelSource
+    vae: Annotated[
+        VaeSource | None,
+        Field(description="A replacement VAE; its files enter the manifest as vae_override/<path>."),
+    ] = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     defaults: ModelDefaults
     limits: ModelLimits = ModelLimits()
@@ -106,12 +158,17 @@ class ModelEntry(_Strict):
                 raise ValueError(f"default {name} {value} breaks the model's own limits")
         if d.width * d.height > lim.max_pixels or d.steps > lim.max_steps:
             raise ValueError("defaults exceed the model's own limits")
+        if self.source.is_single_file and self.family not in SINGLE_FILE_CONFIGS:
+            raise ValueError(
+                f"single-file checkpoints load for families {sorted(SINGLE_FILE_CONFIGS)}; "
+                f"register a {self.family} model as a diffusers folder (local) or hub repo"
+            )
         return self
 
     @property
     def pipeline_class(self) -> str:
         """The diffusers pipeline class this family loads with."""
-        return {"sd1": "StableDiffusionPipeline"}[self.family]
+        return {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[self.family]
 
 
 class Registry(_Strict):
@@ -137,13 +194,27 @@ class Registry(_Strict):
         return next((m for m in self.models if m.id == model_id), None)
 
     def local_folder(self, entry: ModelEntry, data_dir: Path) -> Path | None:
-        """Where a local or built model lives on disk; None for hub models (resolved by the loader)."""
+        """Where a local or built model (or a local single-file checkpoint) lives; None for hub models."""
         if entry.source.local is not None:
-            path = Path(entry.source.local).expanduser()
-            return path if path.is_absolute() else (self.base_dir / path).resolve()
+            return self.resolve(entry.source.local)
+        if entry.source.single_file is not None:
+            return self.resolve(entry.source.single_file)
         if entry.source.build is not None:
             return (data_dir / "models" / entry.id).resolve()
         return None
+
+    def config_folder(self, entry: ModelEntry) -> Path | None:
+        """The diffusers-format config folder of a single-file model (the shipped one by default); else None."""
+        if not entry.source.is_single_file:
+            return None
+        if entry.source.config is not None:
+            return self.resolve(entry.source.config)
+        return EMBEDDED_CONFIGS / SINGLE_FILE_CONFIGS[entry.family]
+
+    def resolve(self, path: str) -> Path:
+        """A registry path: absolute as written (after ~), else relative to the registry file's folder."""
+        resolved = Path(path).expanduser()
+        return resolved if resolved.is_absolute() else (self.base_dir / resolved).resolve()
 
 
 def load_registry(path: Path) -> Registry:

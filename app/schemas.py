@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +50,10 @@ class GenerationRequest(BaseModel):
             description="Run only on workers with this key (replays); 409 when none has it.",
         ),
     ] = None
+    response_format: Annotated[
+        Literal["b64_png", "url"],
+        Field(description="b64_png: images inline as base64 PNG; url: links only (GET the `url`)."),
+    ] = "b64_png"
 
 
 class GeneratedImage(BaseModel):
@@ -56,7 +61,8 @@ class GeneratedImage(BaseModel):
 
     index: int
     seed: int
-    png_base64: str
+    png_base64: str | None = Field(description="The PNG (signed manifest embedded); null with response_format=url.")
+    url: str = Field(description="Path of the stored PNG on this server.")
     latent_sha256: str
     pixel_sha256: str
 
@@ -98,6 +104,9 @@ class WorkerStatus(BaseModel):
     group_key: str | None
     models: dict[str, str | None] = Field(description="Loaded model id -> its reproducibility key.")
     ready_seconds: float | None
+    consistency: str | None = Field(
+        default=None, description="Golden-check state: consistent, baseline_recorded, drifted or unchecked."
+    )
 
 
 class ReadyResponse(BaseModel):
@@ -151,3 +160,138 @@ class SamplerList(BaseModel):
     """GET /v1/samplers."""
 
     samplers: list[SamplerInfo]
+
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class GenerationFilters(BaseModel):
+    """GET /v1/generations query: every given filter must match; newest first; `cursor` from the last page."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str | None, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Registry id.")] = None
+    reproducibility_key: Annotated[str | None, Field(pattern=r"^rk1-[0-9a-f]{64}$")] = None
+    latent_sha256: Annotated[str | None, Field(pattern=SHA256_PATTERN, description="Any image has it.")] = None
+    pixel_sha256: Annotated[str | None, Field(pattern=SHA256_PATTERN, description="Any image has it.")] = None
+    since: Annotated[datetime | None, Field(description="Received at or after (ISO 8601; no zone: UTC).")] = None
+    until: Annotated[datetime | None, Field(description="Received before (ISO 8601; no zone: UTC).")] = None
+    status: Literal["stored", "pruned"] | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | None, Field(pattern=r"^c[0-9]{1,18}$", description="next_cursor of the last page.")] = (
+        None
+    )
+
+
+class StoredImage(BaseModel):
+    """One image of a stored generation."""
+
+    index: int
+    seed: int
+    latent_sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    url: str | None = Field(description="Path of the PNG on this server; null once retention pruned it.")
+
+
+class GenerationSummary(BaseModel):
+    """One generation as the ledger lists it."""
+
+    id: str
+    status: Literal["stored", "pruned"]
+    model: str
+    reproducibility_key: str
+    received_at: str
+    finished_at: str
+    stored_at: str
+    pruned_at: str | None
+    key_id: str | None = Field(description="Id of the key that signed the manifest (GET /v1/keys).")
+    images: list[StoredImage]
+
+
+class GenerationRecord(GenerationSummary):
+    """GET /v1/generations/{id}: the ledger row, image links and the signed manifest."""
+
+    manifest: dict[str, Any]
+
+
+class GenerationPage(BaseModel):
+    """GET /v1/generations: one page, newest first."""
+
+    data: list[GenerationSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class VerifyResponse(BaseModel):
+    """POST /v1/verify: what the service can prove about a PNG or a manifest."""
+
+    valid: bool = Field(description="signature_valid, and pixels_match unless only a manifest was given.")
+    signature_valid: bool
+    key_id: str | None
+    generation_id: str | None
+    pixels_match: bool | None = Field(description="The pixels hash to an image of the manifest; null: no PNG given.")
+    image_index: int | None
+    known_to_ledger: bool = Field(description="This server's ledger holds this very manifest.")
+    reasons: list[str] = Field(description="Why a check failed; empty when valid and known.")
+    manifest: dict[str, Any] | None
+
+
+class PublicKeyInfo(BaseModel):
+    """One manifest-signing public key."""
+
+    key_id: str
+    algorithm: Literal["ed25519"]
+    public_key: str = Field(description="Base64 of the raw 32-byte Ed25519 public key.")
+    public_key_pem: str
+    active: bool = Field(description="Signs new manifests; the others signed older ones.")
+
+
+class KeyList(BaseModel):
+    """GET /v1/keys: every key that ever signed here, the active one first."""
+
+    keys: list[PublicKeyInfo]
+
+
+class ConsistencyCase(BaseModel):
+    """One golden case on one worker: expected vs actual hashes."""
+
+    case: str
+    model: str
+    reproducibility_key: str | None
+    state: str
+    expected_latent_sha256: str | None
+    actual_latent_sha256: str | None
+    expected_pixel_sha256: str | None
+    actual_pixel_sha256: str | None
+    error: str | None = None
+
+
+class ConsistencyWorker(BaseModel):
+    """One worker's golden-check state."""
+
+    id: str
+    state: str = Field(description="consistent, baseline_recorded, drifted or unchecked")
+    worker_state: str = Field(description="ready, busy, quarantined, ... as in /readyz")
+    reproducibility_keys: dict[str, str | None]
+    last_check: str | None
+    checks_run: int
+    mismatches: int
+    cases: list[ConsistencyCase]
+
+
+class ConsistencyReport(BaseModel):
+    """GET /v1/consistency."""
+
+    status: str
+    suite_version: int
+    interval_s: float
+    quarantine_on_drift: bool
+    workers: list[ConsistencyWorker]
+
+
+class BaselineImportResult(BaseModel):
+    """PUT /v1/consistency/baselines."""
+
+    imported: int
+    replaced_all: bool

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.provenance.golden import EMBEDDED_SUITE
+
 EMBEDDED_REGISTRY = Path(__file__).resolve().parent / "models" / "registry.yaml"
 _WORKERS_PATTERN = re.compile(r"^(auto|cuda|cpu:[1-9][0-9]*)$")
 
@@ -42,8 +44,15 @@ class Settings(BaseSettings):
     worker_start_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     allow_download: bool = False
     log_level: str = "info"
+    consistency_interval_s: Annotated[float, Field(ge=0)] = Field(
+        default=3600.0, description="Seconds between golden-suite runs per worker; 0: only at start and on demand."
+    )
+    quarantine_on_drift: bool = Field(
+        default=True, description="Take a drifted worker out of rotation while a consistent peer serves its group."
+    )
+    golden_suite: Path = Field(default=EMBEDDED_SUITE, description="The golden suite YAML file.")
     signing_key_file: Path | None = Field(
-        default=None, description="Ed25519 private key (PEM) that signs manifests; absent: one generated in the data dir."
+        default=None, description="Ed25519 private key (PEM) signing manifests; absent: one made in the data dir."
     )
     api_keys_file: Path | None = Field(
         default=None, description="API keys, one per line (plain or sha256:<hex>); set: Bearer auth required."
@@ -55,6 +64,21 @@ class Settings(BaseSettings):
         default=None, description="Prune the oldest image files while the store exceeds this size."
     )
     retention_interval_s: Annotated[float, Field(gt=0)] = 600.0
+    image_version: str | None = Field(
+        default=None, description="Set by the container image: its version label. Recorded as runtime.image."
+    )
+    image_revision: str | None = Field(default=None, description="Set by the image: the source revision it holds.")
+    image_base: str | None = Field(default=None, description="Set by the image: the base image it was built on.")
+
+    def image_identity(self) -> dict[str, str] | None:
+        """The container image this server runs from (a manifest's runtime.image); None outside an image."""
+        if self.image_version is None:
+            return None
+        return {
+            "version": self.image_version,
+            "revision": self.image_revision or "unknown",
+            "base": self.image_base or "unknown",
+        }
 
     @field_validator("workers")
     @classmethod
@@ -73,6 +97,12 @@ class Settings(BaseSettings):
         if value not in {"critical", "error", "warning", "info", "debug"}:
             raise ValueError(f"SAMESEED_LOG_LEVEL must be a logging level name; got {value!r}")
         return value
+
+    @field_validator("signing_key_file", "api_keys_file", "retention_days", "retention_max_gb", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose files pass `VAR=` for "not set"
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("signing_key_file", "api_keys_file")
     @classmethod

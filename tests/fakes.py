@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from typing import Any
+
+import numpy
+from PIL import Image
 
 from app.worker.messages import ImageFailed, ImageRendered, RenderImage, WorkerConfig, WorkerReady
 from app.worker.pool import WorkerExited, WorkerHandle, WorkerState
@@ -28,11 +32,23 @@ RUNTIME = {
 }
 
 
+FAKE_KEY = "rk1-" + "f" * 64
+
+
 def fake_hash(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def rendered(message: RenderImage, worker_id: str = "w0", key: str = "rk1-fake") -> ImageRendered:
+def fake_png(width: int, height: int, *parts: Any) -> tuple[bytes, str]:
+    """A real PNG whose pixels depend only on `parts`, and its pixel_sha256 (DESIGN.md definition)."""
+    rng = numpy.random.default_rng(int(fake_hash(*parts)[:16], 16))
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=numpy.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue(), hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def rendered(message: RenderImage, worker_id: str = "w0", key: str = FAKE_KEY, salt: str = "") -> ImageRendered:
     """A plausible ImageRendered whose hashes depend only on the parameters (like the real thing)."""
     params = (
         message.model,
@@ -45,14 +61,15 @@ def rendered(message: RenderImage, worker_id: str = "w0", key: str = "rk1-fake")
         message.height,
         message.sampler,
     )
+    png, pixel_hash = fake_png(message.width, message.height, "pixel", *params)
     return ImageRendered(
         job_id=message.job_id,
         index=message.index,
         worker_id=worker_id,
         seed=message.seed,
-        latent_sha256=fake_hash("latent", *params),
-        pixel_sha256=fake_hash("pixel", *params),
-        png=b"\x89PNG fake",
+        latent_sha256=fake_hash("latent", salt, *params),
+        pixel_sha256=pixel_hash,
+        png=png,
         width=message.width,
         height=message.height,
         seconds=0.01,
@@ -86,9 +103,10 @@ class FakePool:
             for worker_id in self.workers:
                 self.ready(worker_id)
 
-    def ready(self, worker_id: str, group_key: str = "g1") -> None:
+    def ready(self, worker_id: str, group_key: str = "g1", models: dict[str, Any] | None = None) -> None:
         handle = self.workers[worker_id]
         handle.state, handle.group_key, handle.pid = WorkerState.READY, group_key, 1000
+        handle.models = dict(models or {})
         handle.runtime = dict(RUNTIME)
         self.sink(handle, WorkerReady(worker_id, 1000, dict(RUNTIME), group_key, {}, 0.1))
 
@@ -98,8 +116,8 @@ class FakePool:
             asyncio.get_running_loop().call_soon(self.answer, handle.id, message)
         return True
 
-    def answer(self, worker_id: str, message: RenderImage) -> None:
-        self.sink(self.workers[worker_id], rendered(message, worker_id))
+    def answer(self, worker_id: str, message: RenderImage, salt: str = "") -> None:
+        self.sink(self.workers[worker_id], rendered(message, worker_id, salt=salt))
 
     def fail(self, worker_id: str, message: RenderImage, error_type: str = "generation_failed") -> None:
         self.sink(self.workers[worker_id], ImageFailed(message.job_id, message.index, worker_id, error_type, "boom"))

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.archive import Archive
 from app.dispatcher import Dispatcher
 from app.settings import Settings
 
@@ -15,6 +16,11 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
+def get_archive(request: Request) -> Archive:
+    """The app's archive (ledger, image store, signing keys), opened in the lifespan."""
+    return request.app.state.archive
+
+
 def get_settings(request: Request) -> Settings:
     """The app's settings."""
     return request.app.state.settings
@@ -22,3 +28,4 @@ def get_settings(request: Request) -> Settings:
 
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ArchiveDep = Annotated[Archive, Depends(get_archive)]

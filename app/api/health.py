@@ -25,6 +25,9 @@ async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
         ready=dispatcher.ready(),
         draining=dispatcher.draining,
         queue_depth=dispatcher.waiting_jobs(),
-        workers=[WorkerStatus(**w.describe()) for w in dispatcher.workers()],
+        workers=[
+            WorkerStatus(**w.describe(), consistency=dispatcher.consistency_state(w.id))
+            for w in dispatcher.workers()
+        ],
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)

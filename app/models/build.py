@@ -1,4 +1,4 @@
-"""Deterministic builders for Sameseed's random-weight SD1.5-architecture pipelines.
+"""Deterministic builders for Sameseed's random-weight SD1.5- and SDXL-architecture pipelines.
 
 The weights are random but byte-stable: every module is first built from its config under
 ``torch.manual_seed(0)`` and then every parameter is overwritten with values drawn from a
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 CLIP_BPE_DIR = Path(__file__).resolve().parent / "clip_bpe"
 CLIP_MERGES_FILE = CLIP_BPE_DIR / "bpe_simple_vocab_16e6_merges_48894.txt.gz"
@@ -54,6 +54,25 @@ SD15_PNDM_CONFIG: dict[str, Any] = {
     "clip_sample": False,
 }
 
+# The scheduler of stabilityai/stable-diffusion-xl-base-1.0 (Euler, "leading" spacing).
+SDXL_EULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+SDXL_VAE_SCALING_FACTOR = 0.13025
+SDXL_PAD_TOKEN = "!"  # SDXL's second tokenizer pads with "!" (id 0), not <|endoftext|>
+
 # Every file of a built pipeline folder; anything else (e.g. a pickled .bin) fails the build.
 PIPELINE_FILES: tuple[str, ...] = (
     "model_index.json",
@@ -69,9 +88,18 @@ PIPELINE_FILES: tuple[str, ...] = (
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 )
+XL_PIPELINE_FILES: tuple[str, ...] = (
+    *PIPELINE_FILES,
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/vocab.json",
+)
 
 # Files under these sub-folders are written by this module, not re-serialised.
-_OWN_JSON_DIRS = ("tokenizer",)
+_OWN_JSON_DIRS = ("tokenizer", "tokenizer_2")
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,37 @@ class ModelSpec:
         """Id of ``<|endoftext|>`` (last token; also the pad and unk token)."""
         return self.tokenizer_vocab_size - 1
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the built pipeline folder."""
+        return PIPELINE_FILES
+
+
+@dataclass(frozen=True)
+class XLModelSpec(ModelSpec):
+    """An SDXL-architecture pipeline: a second (projecting) text encoder and size/crop conditioning.
+
+    As in SDXL, the UNet reads both encoders' penultimate hidden states side by side
+    (``cross_attention_dim`` = the two widths added) and the second encoder's pooled, projected
+    output plus six size/crop numbers through its ``text_time`` embedding.
+    """
+
+    unet_transformer_layers_per_block: int
+    unet_addition_time_embed_dim: int
+    text_2_hidden_size: int
+    text_2_intermediate_size: int
+    text_2_num_hidden_layers: int
+    text_2_num_attention_heads: int
+
+    def __post_init__(self) -> None:
+        if self.cross_attention_dim != self.text_hidden_size + self.text_2_hidden_size:
+            raise ValueError("an SDXL cross_attention_dim is the sum of the two text encoder widths")
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the built pipeline folder."""
+        return XL_PIPELINE_FILES
+
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "sameseed-tiny": ModelSpec(
@@ -161,6 +220,33 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         vocab_size=None,
         default_size=128,
         seed=2,
+    ),
+    "sameseed-tiny-xl": XLModelSpec(
+        model_id="sameseed-tiny-xl",
+        description="tiny SDXL architecture (two text encoders, size/crop conditioning), random weights, 64x64",
+        unet_block_out_channels=(4, 8),
+        unet_down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        unet_up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        unet_layers_per_block=1,
+        unet_norm_num_groups=2,
+        unet_attention_head_dim=2,
+        cross_attention_dim=24,
+        vae_block_out_channels=(4, 8),
+        vae_layers_per_block=1,
+        vae_norm_num_groups=2,
+        text_hidden_size=8,
+        text_intermediate_size=16,
+        text_num_hidden_layers=2,
+        text_num_attention_heads=2,
+        vocab_size=1000,
+        default_size=64,
+        seed=3,
+        unet_transformer_layers_per_block=1,
+        unet_addition_time_embed_dim=8,
+        text_2_hidden_size=16,
+        text_2_intermediate_size=32,
+        text_2_num_hidden_layers=2,
+        text_2_num_attention_heads=2,
     ),
 }
 
@@ -213,13 +299,13 @@ def _merge_count(vocab_size: int | None) -> int:
     return vocab_size - CLIP_MIN_VOCAB_SIZE
 
 
-def _write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
+def write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as canonical JSON (sorted keys, UTF-8, trailing newline)."""
     text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
     path.write_bytes((text + "\n").encode("utf-8"))
 
 
-def build_clip_tokenizer_files(out_dir: Path, vocab_size: int | None) -> None:
+def build_clip_tokenizer_files(out_dir: Path, vocab_size: int | None, *, pad_token: str = EOS_TOKEN) -> None:
     """Write a CLIPTokenizer folder (vocab.json, merges.txt, tokenizer and special-token configs)."""
     merges = load_clip_merges(_merge_count(vocab_size))
     tokens = clip_vocab(merges)
@@ -242,7 +328,7 @@ def build_clip_tokenizer_files(out_dir: Path, vocab_size: int | None) -> None:
             "special": True,
         }
 
-    _write_json(
+    write_json(
         out_dir / "tokenizer_config.json",
         {
             "add_prefix_space": False,
@@ -253,14 +339,14 @@ def build_clip_tokenizer_files(out_dir: Path, vocab_size: int | None) -> None:
             "eos_token": EOS_TOKEN,
             "errors": "replace",
             "model_max_length": MODEL_MAX_LENGTH,
-            "pad_token": EOS_TOKEN,
+            "pad_token": pad_token,
             "tokenizer_class": "CLIPTokenizer",
             "unk_token": EOS_TOKEN,
         },
     )
-    _write_json(
+    write_json(
         out_dir / "special_tokens_map.json",
-        {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN},
+        {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN},
     )
 
 
@@ -344,6 +430,19 @@ def _unet_config(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def _xl_unet_config(spec: XLModelSpec) -> dict[str, Any]:
+    """Return the UNet2DConditionModel arguments of an SDXL-architecture ``spec``."""
+    return {
+        **_unet_config(spec),
+        "use_linear_projection": True,
+        "transformer_layers_per_block": spec.unet_transformer_layers_per_block,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": spec.unet_addition_time_embed_dim,
+        # pooled text embedding + (original size, crop top-left, target size), each number embedded
+        "projection_class_embeddings_input_dim": spec.text_2_hidden_size + 6 * spec.unet_addition_time_embed_dim,
+    }
+
+
 def _vae_config(spec: ModelSpec) -> dict[str, Any]:
     """Return the AutoencoderKL constructor arguments for ``spec``."""
     levels = len(spec.vae_block_out_channels)
@@ -357,7 +456,7 @@ def _vae_config(spec: ModelSpec) -> dict[str, Any]:
         "latent_channels": 4,
         "norm_num_groups": spec.vae_norm_num_groups,
         "sample_size": spec.default_size,
-        "scaling_factor": 0.18215,
+        "scaling_factor": SDXL_VAE_SCALING_FACTOR if isinstance(spec, XLModelSpec) else 0.18215,
     }
 
 
@@ -379,8 +478,24 @@ def _text_config(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def _xl_text_configs(spec: XLModelSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the CLIPTextConfig arguments of SDXL's two text encoders (CLIP-L-like, then OpenCLIP-G-like)."""
+    first = {**_text_config(spec), "projection_dim": spec.text_hidden_size}
+    second = {
+        **first,
+        "hidden_size": spec.text_2_hidden_size,
+        "intermediate_size": spec.text_2_intermediate_size,
+        "num_hidden_layers": spec.text_2_num_hidden_layers,
+        "num_attention_heads": spec.text_2_num_attention_heads,
+        "hidden_act": "gelu",
+        "pad_token_id": clip_vocab([]).index(SDXL_PAD_TOKEN),
+        "projection_dim": spec.text_2_hidden_size,
+    }
+    return first, second
+
+
 def _component_seed(spec: ModelSpec, index: int) -> int:
-    """Return the weight-stream seed of component ``index`` (0 unet, 1 vae, 2 text encoder)."""
+    """Return the weight-stream seed of component ``index`` (0 unet, 1 vae, 2 and 3 text encoders)."""
     return spec.seed * 1000 + index
 
 
@@ -412,6 +527,49 @@ def _build_pipeline(spec: ModelSpec, tokenizer_dir: Path) -> StableDiffusionPipe
     )
 
 
+def _build_xl_pipeline(spec: XLModelSpec, tokenizer_dirs: tuple[Path, Path]) -> StableDiffusionXLPipeline:
+    """Build the StableDiffusionXLPipeline for ``spec`` with deterministic weights in memory."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    first, second = _xl_text_configs(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**_xl_unet_config(spec))
+        vae = AutoencoderKL(**_vae_config(spec))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**first))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**second))
+    for index, module in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        fill_deterministic_weights(module, _component_seed(spec, index))
+        module.eval()
+    tokenizer, tokenizer_2 = (CLIPTokenizer.from_pretrained(d) for d in tokenizer_dirs)
+    for tok in (tokenizer, tokenizer_2):
+        if tok("")["input_ids"] != [spec.bos_token_id, spec.eos_token_id]:
+            raise RuntimeError("tokenizer special-token ids do not match the spec")
+    if tokenizer_2.pad_token_id != second["pad_token_id"]:
+        raise RuntimeError("the second tokenizer does not pad with the text encoder's pad token")
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _write_tokenizers(spec: ModelSpec, folder: Path) -> None:
+    """Write the pipeline's tokenizer folder(s): ``tokenizer`` and, for SDXL, ``tokenizer_2``."""
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+    build_clip_tokenizer_files(folder / "tokenizer", spec.vocab_size)
+    if isinstance(spec, XLModelSpec):
+        build_clip_tokenizer_files(folder / "tokenizer_2", spec.vocab_size, pad_token=SDXL_PAD_TOKEN)
+
+
 def _add_text_model_prefix(path: Path) -> None:
     """Rewrite a CLIPTextModel safetensors file with SD1.5's ``text_model.`` key prefix.
 
@@ -427,23 +585,23 @@ def _add_text_model_prefix(path: Path) -> None:
     save_file(renamed, path, metadata={"format": "pt"})
 
 
-def _canonicalize_json_files(folder: Path) -> None:
+def canonicalize_json_files(folder: Path) -> None:
     """Re-serialise the library-written JSON files with sorted keys and fixed formatting."""
     for path in sorted(folder.rglob("*.json")):
         if path.relative_to(folder).parts[0] in _OWN_JSON_DIRS:
             continue
-        _write_json(path, json.loads(path.read_text(encoding="utf-8")))
+        write_json(path, json.loads(path.read_text(encoding="utf-8")))
 
 
-def _check_files(folder: Path) -> None:
-    """Fail unless the folder holds exactly PIPELINE_FILES (safetensors weights, no pickles)."""
+def _check_files(folder: Path, expected: tuple[str, ...]) -> None:
+    """Fail unless the folder holds exactly the expected files (safetensors weights, no pickles)."""
     found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    if found != set(PIPELINE_FILES):
-        extra, missing = sorted(found - set(PIPELINE_FILES)), sorted(set(PIPELINE_FILES) - found)
+    if found != set(expected):
+        extra, missing = sorted(found - set(expected)), sorted(set(expected) - found)
         raise RuntimeError(f"unexpected pipeline files: extra {extra}, missing {missing}")
 
 
-def _normalize_modes(folder: Path) -> None:
+def normalize_modes(folder: Path) -> None:
     """Make the folder tree world-readable (0755 dirs, 0644 files); mkdtemp creates 0700."""
     os.chmod(folder, 0o755)
     for path in folder.rglob("*"):
@@ -471,17 +629,19 @@ def build_model(model_id: str, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
-        tokenizer_dir = tmp / "tokenizer"
-        build_clip_tokenizer_files(tokenizer_dir, spec.vocab_size)
-        pipe = _build_pipeline(spec, tokenizer_dir)
+        _write_tokenizers(spec, tmp)
+        if isinstance(spec, XLModelSpec):
+            pipe: Any = _build_xl_pipeline(spec, (tmp / "tokenizer", tmp / "tokenizer_2"))
+        else:
+            pipe = _build_pipeline(spec, tmp / "tokenizer")
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; ship the files both 4 and 5 can load.
-        shutil.rmtree(tokenizer_dir)
-        build_clip_tokenizer_files(tokenizer_dir, spec.vocab_size)
+        _write_tokenizers(spec, tmp)
+        # (CLIPTextModelWithProjection, SDXL's second encoder, saves its keys as transformers 4 does.)
         _add_text_model_prefix(tmp / "text_encoder" / "model.safetensors")
-        _canonicalize_json_files(tmp)
-        _check_files(tmp)
-        _normalize_modes(tmp)
+        canonicalize_json_files(tmp)
+        _check_files(tmp, spec.files)
+        normalize_modes(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old / out_dir.name)

@@ -63,8 +63,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def runtime_fingerprint(device: str, worker_id: str) -> dict[str, Any]:
-    """Describe this process's compute runtime: every field that can change bits, and versions."""
+def runtime_fingerprint(device: str, worker_id: str, image: dict[str, str] | None = None) -> dict[str, Any]:
+    """Describe this process's compute runtime: every field that can change bits, versions, and the image.
+
+    `image` (the container image's version, source revision and base) is provenance only: it is not
+    one of the key fields, so rebuilding an image with the same libraries keeps every key.
+    """
     import torch
 
     import app
@@ -106,6 +110,7 @@ def runtime_fingerprint(device: str, worker_id: str) -> dict[str, Any]:
             "cudnn": str(cudnn) if cudnn else None,
             "sameseed": app.__version__,
         },
+        "image": dict(image) if image else None,
         "worker_id": worker_id,
         "pid": os.getpid(),
     }

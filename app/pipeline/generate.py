@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image
 
+from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
 from app.provenance.hashes import latent_sha256, pixel_sha256
 
@@ -38,28 +39,41 @@ class RenderedImage:
     scheduler: dict[str, Any]
     seconds: float
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    vae_upcast: bool = False  # the VAE's own dtype decoded to NaN/Inf; these pixels were decoded in float32
+    conditioning: dict[str, Any] | None = None  # SDXL size/crop micro-conditioning, as passed
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Pixels decoded from final latents, and whether the VAE had to run in float32 to get them."""
+
+    pixels: Any  # a (1, 3, H, W) tensor in [-1, 1]
+    upcast: bool
+    vae_dtype: str  # the VAE's own dtype, e.g. "float16"
 
 
 def token_warnings(model: LoadedModel, params: ImageParams) -> list[dict[str, Any]]:
-    """Warn for each prompt longer than the text encoder reads, naming how many tokens are dropped."""
-    tokenizer = model.pipe.tokenizer
-    limit = int(tokenizer.model_max_length)
-    found = []
-    for name in ("prompt", "negative_prompt"):
-        ids = tokenizer(getattr(params, name), truncation=False).input_ids
-        if len(ids) > limit:
+    """Warn for each prompt longer than a text encoder reads, naming how many tokens are dropped."""
+    found: list[dict[str, Any]] = []
+    for attribute in FAMILIES[model.entry.family].tokenizers:
+        tokenizer = getattr(model.pipe, attribute)
+        limit = int(tokenizer.model_max_length)
+        for name in ("prompt", "negative_prompt"):
+            ids = tokenizer(getattr(params, name), truncation=False).input_ids
+            if len(ids) <= limit:
+                continue
             dropped = len(ids) - limit
             lost = tokenizer.decode(ids[limit - 1 : -1])
-            found.append(
-                {
-                    "code": f"{name}_truncated",
-                    "param": name,
-                    "message": (
-                        f"{name} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, "
-                        f"so the last {dropped} were dropped: {lost!r}"
-                    ),
-                }
-            )
+            warning = {
+                "code": f"{name}_truncated",
+                "param": name,
+                "message": (
+                    f"{name} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, "
+                    f"so the last {dropped} were dropped: {lost!r}"
+                ),
+            }
+            if warning not in found:  # SDXL's two tokenizers usually drop the same tokens
+                found.append(warning)
     return found
 
 
@@ -70,12 +84,64 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def decode_latents(vae: Any, latents: Any) -> Decoded:
+    """Decode final latents in the VAE's dtype; on NaN/Inf decode the same latents again in float32.
+
+    The VAE's weights are converted to float32 and back around the second decode: float16 and
+    bfloat16 values survive that round trip exactly, so later images see the same VAE.
+    """
+    import torch
+
+    dtype = vae.dtype
+    pixels = _decode(vae, latents)
+    if bool(torch.isfinite(pixels).all()):
+        return Decoded(pixels=pixels, upcast=False, vae_dtype=str(dtype).removeprefix("torch."))
+    if dtype == torch.float32:
+        raise FloatingPointError("the VAE decoded these latents to NaN/Inf in float32")
+    vae.to(torch.float32)
+    try:
+        pixels = _decode(vae, latents.to(torch.float32))
+    finally:
+        vae.to(dtype)
+    if not bool(torch.isfinite(pixels).all()):
+        raise FloatingPointError(f"the VAE decoded these latents to NaN/Inf in {dtype} and again in float32")
+    return Decoded(pixels=pixels, upcast=True, vae_dtype=str(dtype).removeprefix("torch."))
+
+
+def _decode(vae: Any, latents: Any) -> Any:
+    """Undo the VAE's latent scaling (and SDXL-style mean/std when configured) and decode, as diffusers does."""
+    import torch
+
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+
+def vae_upcast_warning(decoded: Decoded, seed: int) -> dict[str, Any]:
+    """The manifest warning for an image whose pixels come from a float32 re-decode."""
+    return {
+        "code": "vae_upcast",
+        "param": None,
+        "message": (
+            f"the {decoded.vae_dtype} VAE decoded the latents of seed {seed} to NaN/Inf; the same latents "
+            "were decoded again with the VAE in float32 (latents and latent_sha256 are unchanged)"
+        ),
+    }
+
+
 def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
     """Generate one image deterministically: same model, runtime and params give the same bits."""
     import torch
 
     started = time.perf_counter()
-    # 1. Check the prompt length against the text encoder and note any truncation.
+    # 1. Check the prompt length against every text encoder and note any truncation.
     warnings = token_warnings(model, params)
 
     # 2. A scheduler of this request's own: shared schedulers corrupt latents under concurrency.
@@ -85,11 +151,18 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
     # 3. All noise, initial and ancestral, from one CPU generator seeded with this image's seed.
     generator = torch.Generator("cpu").manual_seed(params.seed)
 
+    # 4. The family's extra conditioning (SDXL: size and crop), passed exactly as it is recorded.
+    conditioning = FAMILIES[model.entry.family].conditioning(
+        width=params.width, height=params.height, negative_prompt=params.negative_prompt, pipe_config=pipe.config
+    )
+    extra = conditioning.call_kwargs() if conditioning else {}
+    negative_prompt = None if conditioning and conditioning.zero_negative_prompt else params.negative_prompt
+
     with torch.inference_mode():
-        # 4. Denoise to the final latents at batch size 1 (the CFG pair stays in one batch).
+        # 5. Denoise to the final latents at batch size 1 (the CFG pair stays in one batch).
         latents = pipe(
             prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
+            negative_prompt=negative_prompt,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
             width=params.width,
@@ -97,17 +170,19 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
             num_images_per_prompt=1,
             generator=generator,
             output_type="latent",
+            **extra,
         ).images
 
-        # 5. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
+        # 6. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
         latent_hash = latent_sha256(latents[0])
 
-        # 6. Decode exactly as the pipeline does, without the safety checker.
-        vae = model.pipe.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        image = model.pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])[0]
+        # 7. Decode without the safety checker or a watermark; NaN/Inf pixels are decoded again in float32.
+        decoded = decode_latents(model.pipe.vae, latents)
+        image = model.pipe.image_processor.postprocess(decoded.pixels, output_type="pil", do_denormalize=[True])[0]
+    if decoded.upcast:
+        warnings.append(vae_upcast_warning(decoded, params.seed))
 
-    # 7. Hash the pixels and encode the PNG.
+    # 8. Hash the pixels and encode the PNG.
     return RenderedImage(
         image=image,
         png=encode_png(image),
@@ -116,4 +191,6 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
         scheduler={"class_name": type(scheduler).__name__, "config": json_config(scheduler.config)},
         seconds=time.perf_counter() - started,
         warnings=warnings,
+        vae_upcast=decoded.upcast,
+        conditioning=conditioning.record() if conditioning else None,
     )

@@ -48,10 +48,15 @@ class ManifestModel(_Part):
 
     id: str
     family: str
-    source_kind: Literal["local", "hub", "build"]
-    source: str = Field(description="The local folder the pipeline was loaded from.")
+    source_kind: Literal["local", "hub", "build", "single_file"]
+    source: str = Field(description="The local folder (or single-file checkpoint) the pipeline was loaded from.")
     hub_repo: str | None = None
     hub_revision: str | None = None
+    hub_filename: str | None = Field(default=None, description="The single-file checkpoint of the hub repo.")
+    config_source: str | None = Field(
+        default=None, description="The diffusers-format config folder a single-file checkpoint was loaded with."
+    )
+    vae_source: str | None = Field(default=None, description="The folder of a replacement VAE (vae_override/ files).")
     pipeline: str
     dtype: str
     files: dict[str, str] = Field(description="Relative path -> sha256 of every component file.")
@@ -78,6 +83,9 @@ class ManifestRuntime(BaseModel):
     attention_backend: str
     noise_device: Literal["cpu"]
     versions: dict[str, str | None]
+    image: dict[str, str] | None = Field(
+        default=None, description="The container image (version, revision, base); not part of the key."
+    )
     worker_id: str
     reproducibility_key: str
     key_fields: list[str] = Field(description="Runtime fields that enter the reproducibility key.")
@@ -93,6 +101,9 @@ class ManifestImage(_Part):
     width: int
     height: int
     worker_id: str
+    vae_upcast: bool = Field(
+        default=False, description="The VAE gave NaN/Inf in the model dtype; these pixels were decoded in float32."
+    )
 
 
 class ManifestWarning(_Part):
@@ -111,6 +122,14 @@ class ManifestTimestamps(_Part):
     finished: str
 
 
+class ManifestSignature(_Part):
+    """Ed25519 signature over the canonical JSON of the manifest without this field."""
+
+    algorithm: Literal["ed25519"]
+    key_id: str = Field(description="First 16 hex digits of sha256 of the raw public key (GET /v1/keys).")
+    value: str = Field(description="Base64 of the 64-byte signature.")
+
+
 class Manifest(_Part):
     """Everything that made a generation, in a versioned schema."""
 
@@ -124,6 +143,10 @@ class Manifest(_Part):
     runtime: ManifestRuntime
     images: list[ManifestImage]
     warnings: list[ManifestWarning]
+    conditioning: dict[str, Any] | None = Field(
+        default=None, description="Extra conditioning passed to the pipeline (SDXL: size and crop), as passed."
+    )
+    signature: ManifestSignature | None = None
 
     def canonical(self) -> bytes:
         """The canonical JSON bytes of this manifest."""
@@ -139,6 +162,7 @@ def build_manifest(
     runtime: dict[str, Any],
     images: list[dict[str, Any]],
     warnings: list[dict[str, Any]],
+    conditioning: dict[str, Any] | None = None,
     received: str,
     started: str,
     finished: str,
@@ -156,4 +180,5 @@ def build_manifest(
         runtime=ManifestRuntime(**runtime),
         images=[ManifestImage(**image) for image in images],
         warnings=[ManifestWarning(**w) for w in warnings],
+        conditioning=conditioning,
     )

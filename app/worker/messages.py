@@ -22,6 +22,7 @@ class WorkerConfig:
     preload: tuple[str, ...]
     allow_download: bool
     log_level: str = "info"
+    image: dict[str, str] | None = None  # the container image (version, revision, base): runtime.image, not keyed
 
 
 # ---------------------------------------------------------------- requests (parent -> child)
@@ -94,6 +95,8 @@ class ImageRendered:
     runtime: dict[str, Any]
     warnings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     model_loaded: dict[str, Any] | None = None
+    vae_upcast: bool = False  # NaN/Inf from the VAE's dtype: these pixels were decoded again in float32
+    conditioning: dict[str, Any] | None = None  # SDXL size/crop micro-conditioning, as passed
 
 
 @dataclass(frozen=True)

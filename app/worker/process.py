@@ -40,7 +40,7 @@ class Engine:
         quiet_libraries()
         self.config = config
         self.registry = load_registry(config.registry_path)
-        self.runtime = runtime_fingerprint(config.device, config.worker_id)
+        self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
         self.models: dict[str, Any] = {}
         self.model_keys: dict[str, dict[str, Any]] = {}
 
@@ -50,15 +50,15 @@ class Engine:
             return self.models[model_id], None
         from app.errors import ModelNotFound
         from app.pipeline.determinism import torch_device
-        from app.pipeline.loader import load_model, resolve_folder
+        from app.pipeline.loader import load_model, resolve_paths
         from app.provenance.key import reproducibility_key
 
         entry = self.registry.get(model_id)
         if entry is None:
             raise ModelNotFound(f"model {model_id!r} is not in this worker's registry", param="model")
         started = time.perf_counter()
-        folder = resolve_folder(entry, self.registry, self.config.data_dir, self.config.allow_download)
-        loaded = load_model(entry, folder, torch_device(self.config.device))
+        paths = resolve_paths(entry, self.registry, self.config.data_dir, self.config.allow_download)
+        loaded = load_model(entry, paths, torch_device(self.config.device))
         identity = loaded.identity()
         key = reproducibility_key(
             files=identity["files"], pipeline=identity["pipeline"], dtype=identity["dtype"], runtime=self.runtime
@@ -68,7 +68,7 @@ class Engine:
             "reproducibility_key": key,
             "load_seconds": round(time.perf_counter() - started, 3),
         }
-        log.info("loaded model %s from %s in %.2fs", model_id, folder, time.perf_counter() - started)
+        log.info("loaded model %s from %s in %.2fs", model_id, paths, time.perf_counter() - started)
         return loaded, {"model": model_id, **self.model_keys[model_id]}
 
     def render(self, job: RenderImage) -> ImageRendered:
@@ -116,6 +116,8 @@ class Engine:
             runtime=runtime,
             warnings=tuple(result.warnings),
             model_loaded=fresh,
+            vae_upcast=result.vae_upcast,
+            conditioning=result.conditioning,
         )
 
 

@@ -107,7 +107,7 @@ def test_an_empty_body_is_422_saying_a_body_is_required(client):
 
 def test_unknown_route_and_wrong_method_use_the_error_body(client):
     assert_error(client.get("/v1/nothing"), 404, "not_found")
-    assert_error(client.get("/v1/generations"), 405, "method_not_allowed")
+    assert_error(client.delete("/v1/generations"), 405, "method_not_allowed")
 
 
 def test_health_ready_models_samplers(client):

@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from app.consistency import ConsistencyMonitor
 from app.dispatcher import Dispatcher, resolve_request
 from app.errors import (
     ClientDisconnected,
@@ -14,10 +15,12 @@ from app.errors import (
     QueueFull,
     WorkerLost,
 )
+from app.metrics import Metrics
+from app.provenance.golden import BaselineStore, load_suite
 from app.schemas import MAX_SEED, GenerationRequest
 from app.worker.messages import RenderImage, WorkerConfig
 from app.worker.pool import WorkerState
-from tests.fakes import FakePool
+from tests.fakes import FAKE_KEY, FakePool
 
 
 def req(**fields):
@@ -28,9 +31,10 @@ def configs(n):
     return [WorkerConfig(f"w{i}", "cpu", 1, True, "registry.yaml", "data", ("sameseed-tiny",), False) for i in range(n)]
 
 
-def make(registry, workers=1, *, max_queue=4, timeout=5.0):
+def make(registry, workers=1, *, max_queue=4, timeout=5.0, consistency=None):
     dispatcher = Dispatcher(
-        registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout
+        registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout,
+        consistency=consistency,
     )
     pool = FakePool(configs(workers), dispatcher.on_event)
     dispatcher.attach(pool)
@@ -336,3 +340,88 @@ def test_metrics_count_outcomes_and_worker_states(registry):
     assert value("sameseed_worker_state", {"worker": "w0", "state": "ready"}) == 1
     assert value("sameseed_worker_images_total", {"worker": "w0"}) == 1
     assert value("sameseed_request_seconds_count") == 1
+
+
+# ----------------------------------------------------------------- golden checks and quarantine
+
+MODELS = {"sameseed-tiny": {"reproducibility_key": FAKE_KEY}}
+
+
+async def answer_golden(pool, worker_id, salt=""):
+    """Answer the golden images sent to one worker, one at a time as the dispatcher sends them."""
+    answered = 0
+    while True:
+        await asyncio.sleep(0)
+        open_ = [m for w, m in pool.sent if w == worker_id and m.job_id.startswith("golden_")][answered:]
+        if not open_:
+            return answered
+        pool.answer(worker_id, open_[0], salt=salt)
+        answered += 1
+
+
+def monitor_for(registry, tmp_path, quarantine=True):
+    return ConsistencyMonitor(
+        suite=load_suite(), store=BaselineStore(tmp_path / "baselines.json"), registry=registry, metrics=Metrics(),
+        interval_s=0, quarantine_on_drift=quarantine,
+    )
+
+
+def test_first_check_records_baselines_and_a_second_worker_is_judged_against_them(registry, tmp_path):
+    async def scenario():
+        monitor = monitor_for(registry, tmp_path)
+        dispatcher, pool = make(registry, workers=2, consistency=monitor)
+        pool.ready("w0", models=MODELS)
+        assert await answer_golden(pool, "w0") == len(load_suite().for_family("sd1"))
+        assert monitor.worker("w0").state == "baseline_recorded"
+        pool.ready("w1", models=MODELS)
+        await answer_golden(pool, "w1")
+        assert monitor.worker("w1").state == "consistent"
+        assert all(c.expected_latent_sha256 == c.actual_latent_sha256 for c in monitor.worker("w1").cases)
+
+    asyncio.run(scenario())
+
+
+def test_a_drifted_worker_is_quarantined_while_a_peer_is_consistent_and_returns_when_fixed(registry, tmp_path):
+    async def scenario():
+        monitor = monitor_for(registry, tmp_path)
+        dispatcher, pool = make(registry, workers=2, consistency=monitor)
+        pool.ready("w0", models=MODELS)
+        await answer_golden(pool, "w0")
+        pool.ready("w1", models=MODELS)
+        await answer_golden(pool, "w1", salt="bad gpu")
+        assert monitor.worker("w1").state == "drifted" and monitor.worker("w1").mismatches == 5
+        assert pool.workers["w1"].state is WorkerState.QUARANTINED
+        assert (
+            monitor.metrics.registry.get_sample_value(
+                "sameseed_consistency_state", {"worker": "w1", "state": "drifted"}
+            )
+            == 1
+        )
+        before = len(pool.sent)
+        tasks = [asyncio.create_task(dispatcher.generate(req(seed=s))) for s in range(2)]
+        for n in (1, 2):
+            await until(lambda n=n: len(pool.sent) == before + n)
+            pool.answer("w0", pool.sent[-1][1])
+        await asyncio.gather(*tasks)
+        assert {w for w, _ in pool.sent[before:]} == {"w0"}  # nothing reached the quarantined worker
+        dispatcher.start_check(pool.workers["w1"])
+        await answer_golden(pool, "w1")
+        assert monitor.worker("w1").state == "consistent"
+        assert pool.workers["w1"].state is WorkerState.READY
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_drifted_worker_stays_in_rotation_visibly_drifted(registry, tmp_path):
+    async def scenario():
+        monitor = monitor_for(registry, tmp_path)
+        dispatcher, pool = make(registry, consistency=monitor)
+        pool.ready("w0", models=MODELS)
+        await answer_golden(pool, "w0")
+        dispatcher.start_check(pool.workers["w0"])
+        await answer_golden(pool, "w0", salt="driver update")
+        assert monitor.worker("w0").state == "drifted"
+        assert pool.workers["w0"].state is WorkerState.READY
+        assert monitor.report(dispatcher.workers())["status"] == "drifted"
+
+    asyncio.run(scenario())

@@ -153,3 +153,48 @@ def test_file_sha256s_is_sorted_relative_posix(tmp_path):
         "a.txt": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
         "b/z.txt": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     }
+
+
+COMMITTED_TINY_XL = Path(build.__file__).resolve().parent / "sameseed-tiny-xl"
+COMMITTED_SD15_CONFIG = Path(build.__file__).resolve().parent / "configs" / "sd15"
+
+
+def test_committed_tiny_xl_model_equals_a_fresh_build_and_is_small(tmp_path):
+    fresh = build_model("sameseed-tiny-xl", tmp_path / "sameseed-tiny-xl")
+    committed = file_sha256s(COMMITTED_TINY_XL)
+    assert list(committed) == sorted(build.XL_PIPELINE_FILES)
+    assert file_sha256s(fresh) == committed
+    assert sum(p.stat().st_size for p in COMMITTED_TINY_XL.rglob("*") if p.is_file()) < 400_000
+
+
+def test_tiny_xl_has_sdxl_layout():
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(COMMITTED_TINY_XL, use_safetensors=True, add_watermarker=False)
+    spec = MODEL_SPECS["sameseed-tiny-xl"]
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    first, second = pipe.text_encoder.config, pipe.text_encoder_2.config
+    # the UNet reads both encoders side by side, plus the pooled projection and six size/crop numbers
+    assert pipe.unet.config.cross_attention_dim == first.hidden_size + second.hidden_size
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.projection_class_embeddings_input_dim == second.projection_dim + 6 * 8
+    assert pipe.config.force_zeros_for_empty_prompt is True and pipe.vae.config.scaling_factor == 0.13025
+    # SDXL's second tokenizer pads with "!" (id 0); both share the 1,000-token CLIP vocabulary
+    assert (pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id, second.pad_token_id) == (999, 0, 0)
+    assert pipe.tokenizer("a photo of a cat").input_ids == pipe.tokenizer_2("a photo of a cat").input_ids
+    assert spec.vae_scale_factor == pipe.vae_scale_factor == 2
+    with safe_open(COMMITTED_TINY_XL / "text_encoder_2" / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    projection = {"text_projection.weight"}
+    assert projection <= keys and all(k.startswith("text_model.") for k in keys - projection)
+
+
+def test_committed_sd15_config_equals_a_fresh_build(tmp_path):
+    from app.models.checkpoint import SD15_CONFIG_FILES, build_sd15_config
+
+    fresh = build_sd15_config(tmp_path / "sd15")
+    committed = file_sha256s(COMMITTED_SD15_CONFIG)
+    assert list(committed) == sorted(SD15_CONFIG_FILES)
+    assert file_sha256s(fresh) == committed
+    assert not [p for p in COMMITTED_SD15_CONFIG.rglob("*.safetensors")]  # configs only, no weights

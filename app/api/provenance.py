@@ -1,0 +1,83 @@
+"""POST /v1/verify (a PNG or a manifest JSON) and GET /v1/keys (the public keys that sign manifests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Request
+
+from app.api.deps import ArchiveDep
+from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
+from app.provenance.png import PNG_SIGNATURE
+from app.provenance.verification import UnverifiableInput, Verification
+from app.schemas import ErrorResponse, KeyList, PublicKeyInfo, VerifyResponse
+
+router = APIRouter(prefix="/v1", tags=["provenance"])
+
+MAX_VERIFY_BYTES = 64 << 20
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A PNG the service wrote (`image/png`), or a manifest (`application/json`).",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw request body, refused with 413 past MAX_VERIFY_BYTES."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_VERIFY_BYTES:
+            raise PayloadTooLarge(f"the body exceeds {MAX_VERIFY_BYTES >> 20} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _response(result: Verification) -> VerifyResponse:
+    return VerifyResponse(**result.as_dict(), manifest=result.manifest)
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    openapi_extra=_BODY,
+    responses={
+        400: {"model": ErrorResponse, "description": "Neither a PNG nor JSON"},
+        413: {"model": ErrorResponse, "description": "Body too large"},
+        422: {"model": ErrorResponse, "description": "A PNG without a Sameseed manifest, or JSON that is no object"},
+    },
+)
+async def verify(request: Request, archive: ArchiveDep) -> VerifyResponse:
+    """Check signature, pixels and ledger of a PNG, or the signature and ledger of a manifest."""
+    body = await read_body(request)
+    if not body:
+        raise InvalidRequest("send a PNG (image/png) or a manifest (application/json) as the body", param="body")
+    try:
+        if body.startswith(PNG_SIGNATURE):
+            result = await asyncio.to_thread(archive.verify_png, body)
+        elif body.lstrip()[:1] in (b"{", b"["):
+            try:
+                document = json.loads(body)
+            except ValueError as exc:
+                raise MalformedRequest(f"the body is not valid JSON: {exc}", param="body") from None
+            if not isinstance(document, dict):
+                raise InvalidRequest("a manifest is a JSON object", param="body")
+            result = await asyncio.to_thread(archive.verify_manifest, document)
+        else:
+            raise MalformedRequest("the body is neither a PNG nor a JSON manifest", param="body")
+    except UnverifiableInput as exc:
+        raise InvalidRequest(str(exc), param="body") from None
+    return _response(result)
+
+
+@router.get("/keys", response_model=KeyList)
+async def list_keys(archive: ArchiveDep) -> KeyList:
+    """Every public key that signed manifests on this server (old keys stay after rotation)."""
+    return KeyList(keys=[PublicKeyInfo(**entry.describe()) for entry in archive.public_keys()])

@@ -1,0 +1,323 @@
+"""The ledger: SQLite (WAL) rows of every stored generation and image. The only SQL in the code base.
+
+One connection per thread (sqlite3 connections must not be shared across threads mid-use);
+writes are short `BEGIN IMMEDIATE` transactions with `synchronous=FULL`, so a committed row
+survives SIGKILL and power loss. The schema is versioned by `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Append only: a migration, once released, never changes. Index i brings the schema to version i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE generations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        received_at TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        stored_at TEXT NOT NULL,
+        model TEXT NOT NULL,
+        reproducibility_key TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('stored', 'pruned')),
+        pruned_at TEXT,
+        key_id TEXT,
+        num_images INTEGER NOT NULL,
+        manifest TEXT NOT NULL
+    );
+    CREATE INDEX generations_model ON generations (model, seq);
+    CREATE INDEX generations_key ON generations (reproducibility_key, seq);
+    CREATE INDEX generations_received ON generations (received_at);
+    CREATE INDEX generations_status ON generations (status, seq);
+    CREATE TABLE images (
+        generation_id TEXT NOT NULL REFERENCES generations (id),
+        idx INTEGER NOT NULL,
+        seed INTEGER NOT NULL,
+        latent_sha256 TEXT NOT NULL,
+        pixel_sha256 TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (generation_id, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX images_latent ON images (latent_sha256);
+    CREATE INDEX images_pixel ON images (pixel_sha256);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_GENERATION_COLUMNS = (
+    "seq, id, received_at, started_at, finished_at, stored_at, model, reproducibility_key, "
+    "status, pruned_at, key_id, num_images, manifest"
+)
+_IMAGE_COLUMNS = "generation_id, idx, seed, latent_sha256, pixel_sha256, width, height, path, bytes"
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be used (newer schema, corrupt file)."""
+
+
+class GenerationStatus(enum.StrEnum):
+    """Whether a generation's image files are still on disk."""
+
+    STORED = "stored"
+    PRUNED = "pruned"
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image of a generation as the ledger keeps it."""
+
+    generation_id: str
+    index: int
+    seed: int
+    latent_sha256: str
+    pixel_sha256: str
+    width: int
+    height: int
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One generation as the ledger keeps it; `manifest` is the signed manifest's canonical JSON."""
+
+    id: str
+    received_at: str
+    started_at: str
+    finished_at: str
+    stored_at: str
+    model: str
+    reproducibility_key: str
+    num_images: int
+    manifest: str
+    key_id: str | None = None
+    status: GenerationStatus = GenerationStatus.STORED
+    pruned_at: str | None = None
+    seq: int | None = None
+    images: tuple[ImageRow, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class GenerationQuery:
+    """Filters of a ledger listing; every given filter must match. Times compare as ISO 8601 UTC text."""
+
+    model: str | None = None
+    reproducibility_key: str | None = None
+    latent_sha256: str | None = None
+    pixel_sha256: str | None = None
+    received_from: str | None = None  # inclusive
+    received_before: str | None = None  # exclusive
+    status: GenerationStatus | None = None
+
+
+class Ledger:
+    """The SQLite ledger file; thread-safe through one connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ connections
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema to SCHEMA_VERSION; returns the version found before."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger {self.path} has schema version {found}; this server knows up to "
+                    f"{SCHEMA_VERSION} (a newer Sameseed wrote it)"
+                )
+            for version in range(found, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+        return found
+
+    def close(self) -> None:
+        """Close every connection (call once no thread uses the ledger any more)."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+
+    # ------------------------------------------------------------------ writes
+    def record(self, generation: GenerationRow) -> None:
+        """Insert a generation and its images in one transaction (the id must be new)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO generations (id, received_at, started_at, finished_at, stored_at, model, "
+                "reproducibility_key, status, pruned_at, key_id, num_images, manifest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    generation.id,
+                    generation.received_at,
+                    generation.started_at,
+                    generation.finished_at,
+                    generation.stored_at,
+                    generation.model,
+                    generation.reproducibility_key,
+                    generation.status.value,
+                    generation.pruned_at,
+                    generation.key_id,
+                    generation.num_images,
+                    generation.manifest,
+                ),
+            )
+            conn.executemany(
+                f"INSERT INTO images ({_IMAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        generation.id,
+                        i.index,
+                        i.seed,
+                        i.latent_sha256,
+                        i.pixel_sha256,
+                        i.width,
+                        i.height,
+                        i.path,
+                        i.bytes,
+                    )
+                    for i in generation.images
+                ],
+            )
+
+    def mark_pruned(self, generation_ids: Sequence[str], at: str) -> None:
+        """Mark generations whose image files were deleted; their rows and manifests stay."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE generations SET status = ?, pruned_at = ? WHERE id = ? AND status = ?",
+                [(GenerationStatus.PRUNED.value, at, gid, GenerationStatus.STORED.value) for gid in generation_ids],
+            )
+
+    # ------------------------------------------------------------------ reads
+    def get(self, generation_id: str) -> GenerationRow | None:
+        """One generation with its images, or None."""
+        conn = self._connection()
+        row = conn.execute(f"SELECT {_GENERATION_COLUMNS} FROM generations WHERE id = ?", (generation_id,)).fetchone()
+        if row is None:
+            return None
+        return self._with_images(conn, [row])[0]
+
+    def find(self, query: GenerationQuery, *, before_seq: int | None = None, limit: int = 20) -> list[GenerationRow]:
+        """Generations matching every filter, newest first, with seq below `before_seq` (the cursor)."""
+        clauses: list[str] = []
+        params: list[object] = []
+        for column, value in (
+            ("model", query.model),
+            ("reproducibility_key", query.reproducibility_key),
+            ("status", query.status.value if query.status else None),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        for column, value in (("latent_sha256", query.latent_sha256), ("pixel_sha256", query.pixel_sha256)):
+            if value is not None:
+                clauses.append(f"id IN (SELECT generation_id FROM images WHERE {column} = ?)")
+                params.append(value)
+        if query.received_from is not None:
+            clauses.append("received_at >= ?")
+            params.append(query.received_from)
+        if query.received_before is not None:
+            clauses.append("received_at < ?")
+            params.append(query.received_before)
+        if before_seq is not None:
+            clauses.append("seq < ?")
+            params.append(before_seq)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        conn = self._connection()
+        rows = conn.execute(
+            f"SELECT {_GENERATION_COLUMNS} FROM generations {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+        ).fetchall()
+        return self._with_images(conn, rows)
+
+    def oldest_stored(self, limit: int = 500, received_before: str | None = None) -> list[GenerationRow]:
+        """The oldest generations whose files are still stored (optionally received before a time), oldest first."""
+        conn = self._connection()
+        age = "AND received_at < ?" if received_before is not None else ""
+        params = (GenerationStatus.STORED.value, *([received_before] if received_before is not None else []), limit)
+        rows = conn.execute(
+            f"SELECT {_GENERATION_COLUMNS} FROM generations WHERE status = ? {age} ORDER BY seq ASC LIMIT ?", params
+        ).fetchall()
+        return self._with_images(conn, rows)
+
+    def stored_bytes(self) -> int:
+        """Total bytes of the image files of generations not pruned."""
+        conn = self._connection()
+        (total,) = conn.execute(
+            "SELECT COALESCE(SUM(i.bytes), 0) FROM images i JOIN generations g ON g.id = i.generation_id "
+            "WHERE g.status = ?",
+            (GenerationStatus.STORED.value,),
+        ).fetchone()
+        return int(total)
+
+    def _with_images(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[GenerationRow]:
+        if not rows:
+            return []
+        ids = [row[1] for row in rows]
+        images: dict[str, list[ImageRow]] = {gid: [] for gid in ids}
+        marks = ", ".join("?" for _ in ids)
+        for image in conn.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE generation_id IN ({marks}) ORDER BY generation_id, idx", ids
+        ):
+            images[image[0]].append(ImageRow(*image))
+        return [
+            GenerationRow(
+                seq=row[0],
+                id=row[1],
+                received_at=row[2],
+                started_at=row[3],
+                finished_at=row[4],
+                stored_at=row[5],
+                model=row[6],
+                reproducibility_key=row[7],
+                status=GenerationStatus(row[8]),
+                pruned_at=row[9],
+                key_id=row[10],
+                num_images=row[11],
+                manifest=row[12],
+                images=tuple(images[row[1]]),
+            )
+            for row in rows
+        ]

@@ -1,0 +1,116 @@
+"""Verification of a PNG or a manifest: signature, pixels against the signed pixel hashes.
+
+Pure functions over bytes and public keys, shared by POST /v1/verify and the offline CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from PIL import Image, UnidentifiedImageError
+
+from app.provenance.hashes import pixel_sha256
+from app.provenance.png import MANIFEST_KEYWORD, PngError, read_texts
+from app.provenance.signing import verify_signature
+
+MAX_VERIFY_PIXELS = 8192 * 8192  # the largest size any model may produce
+
+
+class UnverifiableInput(ValueError):
+    """The input is not something that can be verified (not a PNG, no manifest, not a JSON object)."""
+
+
+@dataclass
+class Verification:
+    """What a verifier can say about one PNG or manifest."""
+
+    signature_valid: bool
+    key_id: str | None
+    generation_id: str | None
+    pixels_match: bool | None = None  # None: no pixels were given (manifest only)
+    image_index: int | None = None  # the manifest image whose pixel hash the pixels match
+    known_to_ledger: bool | None = None  # None: no ledger consulted (offline)
+    reasons: list[str] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Signed by a known key, unaltered, and (when pixels were given) the pixels match."""
+        return self.signature_valid and self.pixels_match is not False
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready result (without the manifest)."""
+        return {
+            "valid": self.valid,
+            "signature_valid": self.signature_valid,
+            "key_id": self.key_id,
+            "generation_id": self.generation_id,
+            "pixels_match": self.pixels_match,
+            "image_index": self.image_index,
+            "known_to_ledger": self.known_to_ledger,
+            "reasons": list(self.reasons),
+        }
+
+
+def parse_manifest(text: str | bytes) -> dict[str, Any]:
+    """A manifest JSON object; UnverifiableInput when the text is not one."""
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UnverifiableInput(f"the manifest is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise UnverifiableInput("the manifest must be a JSON object")
+    return document
+
+
+def verify_manifest(manifest: Mapping[str, Any], public_keys: Mapping[str, Ed25519PublicKey]) -> Verification:
+    """Check a manifest's signature against the known public keys."""
+    check = verify_signature(manifest, public_keys)
+    generation_id = manifest.get("id")
+    return Verification(
+        signature_valid=check.valid,
+        key_id=check.key_id,
+        generation_id=generation_id if isinstance(generation_id, str) else None,
+        reasons=[check.reason] if check.reason else [],
+        manifest=dict(manifest),
+    )
+
+
+def _pixel_hash(png: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.width * image.height > MAX_VERIFY_PIXELS:
+                raise UnverifiableInput(f"the PNG is {image.width}x{image.height}; too large to verify")
+            return pixel_sha256(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, UnverifiableInput):
+            raise
+        raise UnverifiableInput(f"the PNG's pixels cannot be decoded: {exc}") from None
+
+
+def verify_png(png: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> Verification:
+    """Check the embedded manifest's signature and that the pixels hash to one of its images."""
+    try:
+        texts = read_texts(png)
+    except PngError as exc:
+        raise UnverifiableInput(str(exc)) from None
+    if MANIFEST_KEYWORD not in texts:
+        raise UnverifiableInput(f"the PNG carries no {MANIFEST_KEYWORD!r} text chunk")
+    result = verify_manifest(parse_manifest(texts[MANIFEST_KEYWORD]), public_keys)
+    digest = _pixel_hash(png)
+    images = (result.manifest or {}).get("images")
+    matches = [
+        image.get("index")
+        for image in (images if isinstance(images, list) else [])
+        if isinstance(image, dict) and image.get("pixel_sha256") == digest
+    ]
+    result.pixels_match = bool(matches)
+    result.image_index = matches[0] if matches and isinstance(matches[0], int) else None
+    if not matches:
+        result.reasons.append(f"the pixels hash to {digest}, which no image of the manifest records")
+    return result

@@ -1,0 +1,204 @@
+"""Replay a past generation from its manifest and judge whether it came out bit for bit identical."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy
+from PIL import Image
+from pydantic import ValidationError
+
+from app.dispatcher import Dispatcher
+from app.errors import InvalidRequest, MalformedRequest, SameseedError
+from app.provenance.drift import key_differences, latent_drift, pixel_drift
+from app.provenance.manifest import Manifest
+from app.provenance.png import MANIFEST_KEYWORD, PNG_SIGNATURE, PngError, read_texts
+from app.schemas import GenerationRequest
+
+
+@dataclass
+class ReplaySource:
+    """What was given to replay: the manifest and whatever original pixels or latents came with it."""
+
+    manifest: dict[str, Any]
+    origin: str  # "manifest", "png" or "ledger"
+    pixels: dict[int, Image.Image] = field(default_factory=dict)
+    latents: dict[int, numpy.ndarray] = field(default_factory=dict)
+    signature: dict[str, Any] | None = None
+
+
+def _manifest_from_png(png: bytes) -> dict[str, Any]:
+    try:
+        texts = read_texts(png)
+    except PngError as exc:
+        raise MalformedRequest(f"the PNG is malformed: {exc}", param="body") from None
+    if MANIFEST_KEYWORD not in texts:
+        raise InvalidRequest(f"the PNG carries no {MANIFEST_KEYWORD!r} manifest to replay", param="body")
+    document = json.loads(texts[MANIFEST_KEYWORD])
+    if not isinstance(document, dict):
+        raise InvalidRequest("the PNG's embedded manifest is not a JSON object", param="body")
+    return document
+
+
+def _decode(png: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB")
+
+
+def load_source(body: bytes, archive: Any | None) -> ReplaySource:
+    """Parse the request body: a PNG with a manifest, a manifest JSON, or {"generation_id": ...} (blocking)."""
+    if body.startswith(PNG_SIGNATURE):
+        manifest = _manifest_from_png(body)
+        source = ReplaySource(manifest=manifest, origin="png")
+        image = _decode(body)
+        digest_index = _index_by_pixels(manifest, image)
+        if digest_index is not None:
+            source.pixels[digest_index] = image
+        return _with_signature(source, archive)
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise MalformedRequest(f"the body is neither a PNG nor valid JSON: {exc}", param="body") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("send a manifest object, {\"generation_id\": ...}, or a PNG", param="body")
+    if set(document) == {"generation_id"}:
+        return _from_ledger(str(document["generation_id"]), archive)
+    if "manifest" in document and isinstance(document["manifest"], dict):
+        document = document["manifest"]  # a whole /v1/generations response body is accepted too
+    return _with_signature(ReplaySource(manifest=document, origin="manifest"), archive)
+
+
+def _index_by_pixels(manifest: dict[str, Any], image: Image.Image) -> int | None:
+    from app.provenance.hashes import pixel_sha256
+
+    digest = pixel_sha256(image)
+    for entry in manifest.get("images", []):
+        if isinstance(entry, dict) and entry.get("pixel_sha256") == digest:
+            return int(entry["index"])
+    return None
+
+
+def _with_signature(source: ReplaySource, archive: Any | None) -> ReplaySource:
+    if archive is not None and "signature" in source.manifest:
+        source.signature = archive.verify_manifest(source.manifest).as_dict()
+    return source
+
+
+def _from_ledger(generation_id: str, archive: Any | None) -> ReplaySource:
+    if archive is None:
+        raise InvalidRequest("this server keeps no ledger; send the manifest instead", param="generation_id")
+    row = archive.get(generation_id)
+    source = ReplaySource(manifest=json.loads(row.manifest), origin="ledger")
+    for image in row.images:
+        try:
+            source.pixels[image.index] = _decode(archive.image_bytes(generation_id, image.index))
+        except SameseedError:
+            continue  # pruned: the manifest still replays, without pixel drift
+        latents = getattr(archive, "latents", None)
+        if latents is not None:
+            array = latents(generation_id, image.index)
+            if array is not None:
+                source.latents[image.index] = array
+    return _with_signature(source, archive)
+
+
+def latents_of(image: Any) -> numpy.ndarray | None:
+    """The float32 final latents a worker sent with an image, when it sent them."""
+    raw, shape = getattr(image, "latents", b""), getattr(image, "latent_shape", ())
+    if not raw or not shape:
+        return None
+    return numpy.frombuffer(raw, dtype=numpy.float32).reshape(shape)
+
+
+def _request_of(manifest: Manifest, key: str | None) -> GenerationRequest:
+    r = manifest.request
+    return GenerationRequest(
+        model=r.model,
+        prompt=r.prompt,
+        negative_prompt=r.negative_prompt,
+        seed=r.seed,
+        steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        width=r.width,
+        height=r.height,
+        sampler=r.sampler,  # type: ignore[arg-type]
+        num_images=r.num_images,
+        reproducibility_key=key,
+    )
+
+
+async def reproduce(dispatcher: Dispatcher, source: ReplaySource) -> dict[str, Any]:
+    """Regenerate the manifest's images (on a worker of its key when one exists) and judge the bits."""
+    # 1. Validate the manifest.
+    try:
+        original = Manifest.model_validate(source.manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequest(f"not a valid Sameseed manifest: {where}: {first.get('msg')}", param="manifest") from None
+    key = original.runtime.reproducibility_key
+    model = original.request.model
+
+    # 2. Route to the manifest's key when a worker has it; otherwise anywhere, and say so.
+    has_key = any(w.models.get(model, {}).get("reproducibility_key") == key for w in dispatcher.workers())
+    outcome = await dispatcher.generate(_request_of(original, key if has_key else None))
+    replay = outcome.manifest.model_dump(mode="json")
+    notes: list[str] = []
+    if not has_key:
+        notes.append(
+            f"no worker of this server has reproducibility key {key}; replayed under "
+            f"{outcome.manifest.runtime.reproducibility_key}, where bitwise equality is not promised"
+        )
+
+    # 3. Compare every image: hashes, then drift where the original pixels or latents are at hand.
+    images = []
+    for expected, got in zip(original.images, outcome.images, strict=True):
+        entry: dict[str, Any] = {
+            "index": expected.index,
+            "seed": expected.seed,
+            "latent_match": expected.latent_sha256 == got.latent_sha256,
+            "pixel_match": expected.pixel_sha256 == got.pixel_sha256,
+            "original_latent_sha256": expected.latent_sha256,
+            "replay_latent_sha256": got.latent_sha256,
+            "original_pixel_sha256": expected.pixel_sha256,
+            "replay_pixel_sha256": got.pixel_sha256,
+            "latent_drift": None,
+            "pixel_drift": None,
+        }
+        if expected.index in source.pixels:
+            replay_pixels = await asyncio.to_thread(_decode, got.png)
+            entry["pixel_drift"] = pixel_drift(source.pixels[expected.index], replay_pixels).to_json()
+        replay_latents = latents_of(got)
+        if expected.index in source.latents and replay_latents is not None:
+            entry["latent_drift"] = latent_drift(source.latents[expected.index], replay_latents).to_json()
+        images.append(entry)
+    identical = all(i["latent_match"] and i["pixel_match"] for i in images)
+    differences = [d.to_json() for d in key_differences(source.manifest, replay)]
+    same_key = key == outcome.manifest.runtime.reproducibility_key
+    if same_key and not identical:
+        notes.append(
+            "same reproducibility key yet different bits: the manifest's hashes were edited, "
+            "or this runtime broke the contract (run the golden suite)"
+        )
+    if not any(i["pixel_drift"] for i in images) and not identical:
+        notes.append("no original pixels were given (send the PNG or a generation id) so no drift is measured")
+    if source.signature is not None and not source.signature.get("signature_valid"):
+        notes.append("the manifest's signature does not verify: it was altered after signing or signed elsewhere")
+    return {
+        "verdict": "identical" if identical else "different",
+        "identical": identical,
+        "source": source.origin,
+        "original_id": original.id,
+        "original_reproducibility_key": key,
+        "replay_reproducibility_key": outcome.manifest.runtime.reproducibility_key,
+        "same_key": same_key,
+        "differences": differences,
+        "images": images,
+        "signature": source.signature,
+        "notes": notes,
+        "replay": {"id": outcome.id, "manifest": replay},
+    }
