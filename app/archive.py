@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+import numpy
 
 from app.errors import GenerationNotFound, ImageGone, StorageUnavailable
 from app.ledger import GenerationQuery, GenerationRow, GenerationStatus, ImageRow, Ledger
@@ -26,6 +29,15 @@ log = logging.getLogger("app.archive")
 
 LEDGER_NAME = "ledger.sqlite3"
 _PRUNE_BATCH = 200
+
+
+def _npy(array: numpy.ndarray | None) -> bytes:
+    """An array as .npy bytes (loadable with numpy.load, no pickle); empty for None."""
+    if array is None:
+        return b""
+    buffer = io.BytesIO()
+    numpy.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def iso_utc(moment: datetime) -> str:
@@ -102,15 +114,19 @@ class Archive:
         self.ledger.close()
 
     # ------------------------------------------------------------------ recording
-    def record(self, manifest: Manifest, pngs: Sequence[bytes]) -> Archived:
-        """Sign, embed, write the files durably, then commit the ledger rows (blocking; call in a thread)."""
+    def record(
+        self, manifest: Manifest, pngs: Sequence[bytes], latents: Sequence[numpy.ndarray | None] = ()
+    ) -> Archived:
+        """Sign, embed, write the files (and latents) durably, then commit the ledger rows (blocking)."""
         signed = self.keys.signer.sign(manifest)
         document = signed.model_dump(mode="json")
         embedded = [
             embed_provenance(png, document, image.index) for png, image in zip(pngs, signed.images, strict=True)
         ]
         try:
-            paths = self.store.write_generation(signed.id, canonical_json(document), embedded)
+            paths = self.store.write_generation(
+                signed.id, canonical_json(document), embedded, [_npy(array) for array in latents]
+            )
             self.ledger.record(
                 GenerationRow(
                     id=signed.id,
@@ -171,6 +187,14 @@ class Archive:
             return self.store.resolve(image.path).read_bytes()
         except FileNotFoundError:
             raise ImageGone(f"image {index} of {generation_id} is missing from the image store") from None
+
+    def latents(self, generation_id: str, index: int) -> numpy.ndarray | None:
+        """The stored final latents of one image (float32), or None when not kept or pruned."""
+        path = self.store.latents_path(generation_id, index)
+        try:
+            return numpy.load(path, allow_pickle=False)
+        except (FileNotFoundError, ValueError):
+            return None
 
     def public_keys(self) -> list[PublicKeyEntry]:
         """Every public key that signed here, the active one first."""

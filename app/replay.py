@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from app.dispatcher import Dispatcher
 from app.errors import InvalidRequest, MalformedRequest, SameseedError
 from app.provenance.drift import key_differences, latent_drift, pixel_drift
+from app.provenance.hashes import latents_from_bytes
 from app.provenance.manifest import Manifest
 from app.provenance.png import MANIFEST_KEYWORD, PNG_SIGNATURE, PngError, read_texts
 from app.schemas import GenerationRequest
@@ -98,20 +99,10 @@ def _from_ledger(generation_id: str, archive: Any | None) -> ReplaySource:
             source.pixels[image.index] = _decode(archive.image_bytes(generation_id, image.index))
         except SameseedError:
             continue  # pruned: the manifest still replays, without pixel drift
-        latents = getattr(archive, "latents", None)
-        if latents is not None:
-            array = latents(generation_id, image.index)
-            if array is not None:
-                source.latents[image.index] = array
+        array = archive.latents(generation_id, image.index)
+        if array is not None:
+            source.latents[image.index] = array
     return _with_signature(source, archive)
-
-
-def latents_of(image: Any) -> numpy.ndarray | None:
-    """The float32 final latents a worker sent with an image, when it sent them."""
-    raw, shape = getattr(image, "latents", b""), getattr(image, "latent_shape", ())
-    if not raw or not shape:
-        return None
-    return numpy.frombuffer(raw, dtype=numpy.float32).reshape(shape)
 
 
 def _request_of(manifest: Manifest, key: str | None) -> GenerationRequest:
@@ -172,7 +163,7 @@ async def reproduce(dispatcher: Dispatcher, source: ReplaySource) -> dict[str, A
         if expected.index in source.pixels:
             replay_pixels = await asyncio.to_thread(_decode, got.png)
             entry["pixel_drift"] = pixel_drift(source.pixels[expected.index], replay_pixels).to_json()
-        replay_latents = latents_of(got)
+        replay_latents = latents_from_bytes(got.latents, got.latent_shape)
         if expected.index in source.latents and replay_latents is not None:
             entry["latent_drift"] = latent_drift(source.latents[expected.index], replay_latents).to_json()
         images.append(entry)

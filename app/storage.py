@@ -71,19 +71,29 @@ class ImageStore:
         for path in created:
             _fsync_dir(path.parent)
 
-    def write_generation(self, generation_id: str, manifest_json: bytes, pngs: list[bytes]) -> list[Path]:
-        """Write the manifest and every PNG durably; returns the PNG paths in index order."""
+    def write_generation(
+        self, generation_id: str, manifest_json: bytes, pngs: list[bytes], latents: list[bytes] | None = None
+    ) -> list[Path]:
+        """Write the manifest, every PNG and (when given) every `<k>.latents.npy` durably; returns the PNG paths."""
         folder = self.folder(generation_id)
         self._make_dirs(folder)
         paths = [folder / f"{index}.png" for index in range(len(pngs))]
-        write_atomic({**dict(zip(paths, pngs, strict=True)), folder / "manifest.json": manifest_json})
+        files = {**dict(zip(paths, pngs, strict=True)), folder / "manifest.json": manifest_json}
+        for index, npy in enumerate(latents or []):
+            if npy:
+                files[self.latents_path(generation_id, index)] = npy
+        write_atomic(files)
         return paths
+
+    def latents_path(self, generation_id: str, index: int) -> Path:
+        """Where the final latents of one image are kept (numpy .npy, float32)."""
+        return self.folder(generation_id) / f"{index}.latents.npy"
 
     def delete_images(self, generation_id: str) -> int:
         """Delete a generation's PNGs (the manifest file stays); returns the bytes freed."""
         folder = self.folder(generation_id)
         freed = 0
-        for path in folder.glob("*.png"):
+        for path in [*folder.glob("*.png"), *folder.glob("*.latents.npy")]:
             try:
                 freed += path.stat().st_size
                 path.unlink()

@@ -15,6 +15,7 @@ from app.api.responses import ERROR_RESPONSES
 from app.archive import iso_utc
 from app.dispatcher import utc_now
 from app.ledger import GenerationQuery, GenerationRow, GenerationStatus
+from app.provenance.hashes import latents_from_bytes
 from app.schemas import (
     ErrorResponse,
     GeneratedImage,
@@ -50,7 +51,12 @@ async def create_generation(
     received = utc_now()
     outcome = await dispatcher.generate(body, received_at=received, disconnected=http_request.is_disconnected)
     # Files and ledger rows are durable before the answer leaves: a 200 survives SIGKILL.
-    archived = await asyncio.to_thread(archive.record, outcome.manifest, [image.png for image in outcome.images])
+    archived = await asyncio.to_thread(
+        archive.record,
+        outcome.manifest,
+        [image.png for image in outcome.images],
+        [latents_from_bytes(image.latents, image.latent_shape) for image in outcome.images],
+    )
     inline = body.response_format == "b64_png"
     return GenerationResponse(
         id=outcome.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from PIL import Image
 
 from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
-from app.provenance.hashes import latent_sha256, pixel_sha256
+from app.provenance.hashes import latent_array, pixel_sha256
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RenderedImage:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     vae_upcast: bool = False  # the VAE's own dtype decoded to NaN/Inf; these pixels were decoded in float32
     conditioning: dict[str, Any] | None = None  # SDXL size/crop micro-conditioning, as passed
+    latents: bytes = b""  # the final latents, float32 C-order: sha256 of these bytes is latent_sha256
+    latent_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,8 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
         ).images
 
         # 6. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
-        latent_hash = latent_sha256(latents[0])
+        final = latent_array(latents[0])  # kept so a replay can measure latent drift against it
+        latent_hash = hashlib.sha256(final.tobytes()).hexdigest()
 
         # 7. Decode without the safety checker or a watermark; NaN/Inf pixels are decoded again in float32.
         decoded = decode_latents(model.pipe.vae, latents)
@@ -187,6 +191,8 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
         image=image,
         png=encode_png(image),
         latent_sha256=latent_hash,
+        latents=final.tobytes(),
+        latent_shape=tuple(final.shape),
         pixel_sha256=pixel_sha256(image),
         scheduler={"class_name": type(scheduler).__name__, "config": json_config(scheduler.config)},
         seconds=time.perf_counter() - started,

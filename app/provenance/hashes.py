@@ -10,10 +10,21 @@ import numpy
 from PIL import Image
 
 
+def latent_array(latents: Any) -> numpy.ndarray:
+    """One image's final latents as a contiguous float32 CPU array (what latent_sha256 hashes)."""
+    return latents.detach().to("cpu").float().contiguous().numpy()
+
+
+def latents_from_bytes(raw: bytes, shape: tuple[int, ...]) -> numpy.ndarray | None:
+    """Rebuild float32 latents a worker sent as raw C-order bytes; None when none were sent."""
+    if not raw or not shape:
+        return None
+    return numpy.frombuffer(raw, dtype=numpy.float32).reshape(shape)
+
+
 def latent_sha256(latents: Any) -> str:
     """sha256 of one image's final latents as contiguous float32 CPU bytes."""
-    array = latents.detach().to("cpu").float().contiguous().numpy()
-    return hashlib.sha256(array.tobytes()).hexdigest()
+    return hashlib.sha256(latent_array(latents).tobytes()).hexdigest()
 
 
 def pixel_sha256(image: Image.Image) -> str:

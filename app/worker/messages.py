@@ -97,6 +97,8 @@ class ImageRendered:
     model_loaded: dict[str, Any] | None = None
     vae_upcast: bool = False  # NaN/Inf from the VAE's dtype: these pixels were decoded again in float32
     conditioning: dict[str, Any] | None = None  # SDXL size/crop micro-conditioning, as passed
+    latents: bytes = b""  # final latents, float32 C-order (sha256 of these bytes == latent_sha256)
+    latent_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

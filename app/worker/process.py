@@ -118,6 +118,8 @@ class Engine:
             model_loaded=fresh,
             vae_upcast=result.vae_upcast,
             conditioning=result.conditioning,
+            latents=result.latents,
+            latent_shape=result.latent_shape,
         )
 
 
