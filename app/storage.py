@@ -16,7 +16,8 @@ from pathlib import Path
 _ID_PATTERN = re.compile(r"^gen_[0-9a-f]{8,64}$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new or renamed files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,7 +42,7 @@ def write_atomic(files: dict[Path, bytes]) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
     for parent in {path.parent for path in files}:
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
 
 class ImageStore:
@@ -69,7 +70,7 @@ class ImageStore:
         created = [p for p in (folder.parent, folder) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         for path in created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def write_generation(
         self, generation_id: str, manifest_json: bytes, pngs: list[bytes], latents: list[bytes] | None = None

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.samplers import SamplerName
+from app.storage import write_atomic
 
 EMBEDDED_SUITE = Path(__file__).resolve().parent / "golden.yaml"
 BASELINES_FORMAT = "sameseed.baselines/1"
@@ -153,12 +152,7 @@ class BaselineStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         items = sorted(self._items.values(), key=lambda b: (b.reproducibility_key, b.suite_version, b.case))
         data = BaselineDocument(baselines=items).model_dump(mode="json")
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".baselines-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_atomic({self.path: json.dumps(data, indent=1, sort_keys=True).encode("utf-8")})
 
 
 def summarize(states: list[str]) -> str:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from app.provenance.manifest import Manifest, ManifestSignature, canonical_json
+from app.storage import fsync_dir
 
 ALGORITHM = "ed25519"
 GENERATED_KEY_NAME = "signing_key.pem"
@@ -98,7 +99,7 @@ def write_private_key(path: Path, private_key: Ed25519PrivateKey) -> bool:
             if path.exists():
                 return False
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -133,14 +134,6 @@ def load_public_keys(source: str) -> dict[str, Ed25519PublicKey]:
     if not keys:
         raise ValueError(f"no public key in {source}")
     return {key_id(k): k for k in keys}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -214,7 +207,7 @@ class KeyRing:
             tmp = published.with_name(f".{published.name}.{secrets.token_hex(6)}.tmp")
             tmp.write_text(public_pem(signer.public_key))
             os.replace(tmp, published)
-            _fsync_dir(public_dir)
+            fsync_dir(public_dir)
         known: dict[str, Ed25519PublicKey] = {}
         for path in sorted(public_dir.glob("*.pem")):
             key = load_public_key(path.read_text())
