@@ -24,15 +24,24 @@ def _settings(**overrides: object):  # noqa: ANN202 - returns Settings; imported
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
     from app.logs import configure_logging
-    from app.main import create_app
-    from app.registry import RegistryError
-    from app.server import run
+    from app.registry import RegistryError, load_registry
+    from app.worker.pool import WorkerPool, worker_configs
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level)
+    pool: WorkerPool | None = None
     try:
-        application = create_app(settings)
+        registry = load_registry(settings.models)
+        # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
+        pool = WorkerPool(worker_configs(settings, settings.default_model or registry.default_model)).launch()
+        from app.main import create_app
+        from app.server import run
+
+        launched = pool
+        application = create_app(settings, pool_factory=lambda _configs, sink: launched.attach(sink))
     except (RegistryError, ValueError, RuntimeError) as exc:
+        if pool is not None:
+            pool.terminate()
         print(f"sameseed: cannot start: {exc}", file=sys.stderr)
         return 2
     run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s)

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import app
 from app.api import consistency, generations, health, metrics, models, provenance, reproduce
 from app.api.auth import install_api_keys
+from app.api.limits import BodyLimitMiddleware
 from app.archive import Archive
 from app.consistency import ConsistencyMonitor
 from app.dispatcher import Dispatcher, Pool
@@ -24,30 +25,11 @@ from app.provenance.golden import BaselineStore, load_suite
 from app.registry import load_registry
 from app.settings import Settings
 from app.worker.messages import WorkerConfig
-from app.worker.pool import WorkerPool, plan_devices
+from app.worker.pool import WorkerPool, worker_configs
 
 log = logging.getLogger("app.main")
 
 PoolFactory = Callable[[list[WorkerConfig], Callable[..., None]], Pool]
-
-
-def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]:
-    """One picklable config per worker, from SAMESEED_WORKERS and the thread settings."""
-    return [
-        WorkerConfig(
-            worker_id=f"w{i}",
-            device=device,
-            cpu_threads=settings.cpu_threads,
-            cpu_mkldnn=settings.cpu_mkldnn,
-            registry_path=settings.models,
-            data_dir=settings.data_dir.resolve(),
-            preload=(default_model,),
-            allow_download=settings.allow_download,
-            log_level=settings.log_level,
-            image=settings.image_identity(),
-        )
-        for i, device in enumerate(plan_devices(settings.workers))
-    ]
 
 
 def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> FastAPI:
@@ -106,6 +88,7 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)
+    fastapi_app.add_middleware(BodyLimitMiddleware)
     install_api_keys(fastapi_app, settings)
     return fastapi_app
 
@@ -154,9 +137,13 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
 
     @fastapi_app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
+        kinds = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        # FastAPI answers 400 itself when a JSON body cannot be decoded (not UTF-8, nested too deeply)
+        detail = str(exc.detail)
+        if exc.status_code == 400:
+            detail = "the body cannot be parsed as JSON (not UTF-8, or nested too deeply)"
         return JSONResponse(
-            error_body(kinds.get(exc.status_code, "http_error"), str(exc.detail)),
+            error_body(kinds.get(exc.status_code, "http_error"), detail),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.settings import Settings
 from app.worker.messages import FromWorker, ToWorker, WorkerConfig, WorkerFailed, WorkerReady
 
 log = logging.getLogger("app.pool")
@@ -110,26 +111,71 @@ def plan_devices(workers: str) -> list[str]:
     return [f"cuda:{index}" for index in gpus] or ["cpu"]
 
 
+def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]:
+    """One picklable config per worker, from SAMESEED_WORKERS and the thread settings."""
+    return [
+        WorkerConfig(
+            worker_id=f"w{i}",
+            device=device,
+            cpu_threads=settings.cpu_threads,
+            cpu_mkldnn=settings.cpu_mkldnn,
+            registry_path=settings.models,
+            data_dir=settings.data_dir.resolve(),
+            preload=(default_model,),
+            allow_download=settings.allow_download,
+            log_level=settings.log_level,
+            image=settings.image_identity(),
+        )
+        for i, device in enumerate(plan_devices(settings.workers))
+    ]
+
+
 EventSink = Callable[[WorkerHandle, "FromWorker | WorkerExited"], None]
 
 
 class WorkerPool:
     """Owns the worker processes; hands every event to `sink` on the event loop's thread."""
 
-    def __init__(self, configs: list[WorkerConfig], sink: EventSink) -> None:
+    def __init__(self, configs: list[WorkerConfig], sink: EventSink | None = None) -> None:
         self._ctx = multiprocessing.get_context("spawn")
         self.workers = {c.worker_id: WorkerHandle(config=c) for c in configs}
         self._sink = sink
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
+    def launch(self) -> WorkerPool:
+        """Spawn every worker process now, before there is an event loop (their torch import then
+        overlaps the server's own start-up); `start` later watches them."""
+        for handle in self.workers.values():
+            if handle.process is None:
+                self._launch(handle)
+        return self
+
+    def attach(self, sink: EventSink) -> WorkerPool:
+        """Deliver events to `sink` (the dispatcher); returns the pool."""
+        self._sink = sink
+        return self
+
     def start(self) -> None:
-        """Spawn every worker; call from the running event loop."""
+        """Spawn the workers not launched yet and watch every one; call from the running event loop."""
         self._loop = asyncio.get_running_loop()
         for handle in self.workers.values():
-            self._spawn(handle)
+            if handle.process is None:
+                self._launch(handle)
+            self._watch(handle)
+
+    def terminate(self) -> None:
+        """Kill every worker at once (start-up failed before the server ran)."""
+        for handle in self.workers.values():
+            if handle.process is not None and handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join(timeout=5)
 
     def _spawn(self, handle: WorkerHandle) -> None:
+        self._launch(handle)
+        self._watch(handle)
+
+    def _launch(self, handle: WorkerHandle) -> None:
         from app.worker.process import run_worker
 
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -142,7 +188,9 @@ class WorkerPool:
         handle.state, handle.started_at = WorkerState.STARTING, time.monotonic()
         handle.runtime, handle.models, handle.group_key = {}, {}, None
         log.info("worker %s starting (pid %s, device %s)", handle.id, process.pid, handle.config.device)
-        threading.Thread(target=self._read, args=(handle, parent_conn, process), daemon=True).start()
+
+    def _watch(self, handle: WorkerHandle) -> None:
+        threading.Thread(target=self._read, args=(handle, handle.conn, handle.process), daemon=True).start()
 
     def _read(self, handle: WorkerHandle, conn: Any, process: Any) -> None:
         """Reader thread: forward every message; on EOF, wait for the exit code and report it."""
@@ -169,7 +217,8 @@ class WorkerPool:
             log.error("worker %s failed to start: %s", handle.id, handle.last_error)
         elif isinstance(event, WorkerExited):
             self._on_exit(handle, event)
-        self._sink(handle, event)
+        if self._sink is not None:
+            self._sink(handle, event)
 
     def _on_exit(self, handle: WorkerHandle, event: WorkerExited) -> None:
         handle.conn.close()
