@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -155,10 +156,11 @@ class Archive:
                     ),
                 )
             )
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             self.store.delete_generation(signed.id)
             log.error("cannot store generation: %s", exc, extra={"generation_id": signed.id})
-            raise StorageUnavailable(f"the image store cannot be written ({exc.strerror or exc})") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StorageUnavailable(f"the image store or ledger cannot be written ({reason})") from None
         return Archived(manifest=signed, pngs=embedded)
 
     # ------------------------------------------------------------------ reading

@@ -405,6 +405,7 @@ class Dispatcher:
             self._on_image_failed(worker, event)
         elif isinstance(event, WorkerExited):
             self._on_worker_exit(worker)
+            self._apply_quarantine()  # a peer that is gone for good no longer vouches for its group
         elif isinstance(event, WorkerReady):
             self.start_check(worker)
         if not any(w.state in SERVING or w.state in COMING for w in self.workers()):
@@ -552,9 +553,9 @@ class Dispatcher:
         if self.consistency is None:
             return
         states = {w.id: self.consistency.worker(w.id).state for w in self.workers()}
-        healthy_groups = {
+        healthy_groups = {  # a consistent peer that is restarting still counts: it serves again soon
             w.group_key for w in self.workers()
-            if states[w.id] in ("consistent", "baseline_recorded") and w.state in SERVING
+            if states[w.id] in ("consistent", "baseline_recorded") and w.state in (*SERVING, *COMING)
         }
         for worker in self.workers():
             should = (

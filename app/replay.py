@@ -12,13 +12,15 @@ import numpy
 from PIL import Image
 from pydantic import ValidationError
 
-from app.dispatcher import Dispatcher
+from app.dispatcher import Disconnected, Dispatcher
 from app.errors import InvalidRequest, MalformedRequest, SameseedError
 from app.provenance.drift import key_differences, latent_drift, pixel_drift
 from app.provenance.hashes import latents_from_bytes
-from app.provenance.manifest import Manifest
+from app.provenance.manifest import Manifest, parse_json
 from app.provenance.png import MANIFEST_KEYWORD, PNG_SIGNATURE, PngError, read_texts
 from app.schemas import GenerationRequest
+
+MAX_REPLAY_PIXELS = 8192 * 8192  # the largest size any model may produce
 
 
 @dataclass
@@ -39,15 +41,25 @@ def _manifest_from_png(png: bytes) -> dict[str, Any]:
         raise MalformedRequest(f"the PNG is malformed: {exc}", param="body") from None
     if MANIFEST_KEYWORD not in texts:
         raise InvalidRequest(f"the PNG carries no {MANIFEST_KEYWORD!r} manifest to replay", param="body")
-    document = json.loads(texts[MANIFEST_KEYWORD])
+    try:
+        document = parse_json(texts[MANIFEST_KEYWORD])
+    except ValueError as exc:
+        raise InvalidRequest(f"the PNG's embedded manifest is not valid JSON: {exc}", param="body") from None
     if not isinstance(document, dict):
         raise InvalidRequest("the PNG's embedded manifest is not a JSON object", param="body")
     return document
 
 
 def _decode(png: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(png)) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.width * image.height > MAX_REPLAY_PIXELS:
+                raise InvalidRequest(f"the PNG is {image.width}x{image.height}; too large to replay", param="body")
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, InvalidRequest):
+            raise
+        raise InvalidRequest(f"the PNG's pixels cannot be decoded: {exc}", param="body") from None
 
 
 def load_source(body: bytes, archive: Any | None) -> ReplaySource:
@@ -61,7 +73,7 @@ def load_source(body: bytes, archive: Any | None) -> ReplaySource:
             source.pixels[digest_index] = image
         return _with_signature(source, archive)
     try:
-        document = json.loads(body)
+        document = parse_json(body)
     except ValueError as exc:
         raise MalformedRequest(f"the body is neither a PNG nor valid JSON: {exc}", param="body") from None
     if not isinstance(document, dict):
@@ -77,9 +89,11 @@ def _index_by_pixels(manifest: dict[str, Any], image: Image.Image) -> int | None
     from app.provenance.hashes import pixel_sha256
 
     digest = pixel_sha256(image)
-    for entry in manifest.get("images", []):
+    images = manifest.get("images")
+    for entry in images if isinstance(images, list) else []:
         if isinstance(entry, dict) and entry.get("pixel_sha256") == digest:
-            return int(entry["index"])
+            index = entry.get("index")
+            return index if isinstance(index, int) and not isinstance(index, bool) else None
     return None
 
 
@@ -107,6 +121,18 @@ def _from_ledger(generation_id: str, archive: Any | None) -> ReplaySource:
 
 def _request_of(manifest: Manifest, key: str | None) -> GenerationRequest:
     r = manifest.request
+    try:
+        return _build_request(r, key)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequest(
+            f"the manifest's request cannot be replayed here: {field_name}: {first.get('msg')}",
+            param=f"manifest.request.{field_name}",
+        ) from None
+
+
+def _build_request(r: Any, key: str | None) -> GenerationRequest:
     return GenerationRequest(
         model=r.model,
         prompt=r.prompt,
@@ -122,7 +148,9 @@ def _request_of(manifest: Manifest, key: str | None) -> GenerationRequest:
     )
 
 
-async def reproduce(dispatcher: Dispatcher, source: ReplaySource) -> dict[str, Any]:
+async def reproduce(
+    dispatcher: Dispatcher, source: ReplaySource, disconnected: Disconnected | None = None
+) -> dict[str, Any]:
     """Regenerate the manifest's images (on a worker of its key when one exists) and judge the bits."""
     # 1. Validate the manifest.
     try:
@@ -133,10 +161,18 @@ async def reproduce(dispatcher: Dispatcher, source: ReplaySource) -> dict[str, A
         raise InvalidRequest(f"not a valid Sameseed manifest: {where}: {first.get('msg')}", param="manifest") from None
     key = original.runtime.reproducibility_key
     model = original.request.model
+    if len(original.images) != original.request.num_images:
+        raise InvalidRequest(
+            f"the manifest lists {len(original.images)} images but its request made {original.request.num_images}",
+            param="manifest.images",
+        )
+    request = _request_of(original, None)  # every field checked before any work is queued
 
     # 2. Route to the manifest's key when a worker has it; otherwise anywhere, and say so.
     has_key = any(w.models.get(model, {}).get("reproducibility_key") == key for w in dispatcher.workers())
-    outcome = await dispatcher.generate(_request_of(original, key if has_key else None))
+    outcome = await dispatcher.generate(
+        request.model_copy(update={"reproducibility_key": key if has_key else None}), disconnected=disconnected
+    )
     replay = outcome.manifest.model_dump(mode="json")
     notes: list[str] = []
     if not has_key:

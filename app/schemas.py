@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.provenance.manifest import Manifest
 from app.samplers import SamplerName
@@ -18,6 +19,14 @@ class GenerationRequest(BaseModel):
     """POST /v1/generations: a prompt and every parameter; absent ones take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid", strict=True, str_max_length=20_000)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # A NUL cannot be written into a PNG text chunk, and no tokenizer gives it meaning.
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character (\\u0000)")
+        return value
 
     model: Annotated[
         str | None,
@@ -163,6 +172,7 @@ class SamplerList(BaseModel):
 
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_NUMBER = re.compile(r"^[+-]?[0-9]+(\.[0-9]*)?$")
 
 
 class GenerationFilters(BaseModel):
@@ -181,6 +191,26 @@ class GenerationFilters(BaseModel):
     cursor: Annotated[str | None, Field(pattern=r"^c[0-9]{1,18}$", description="next_cursor of the last page.")] = (
         None
     )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso_only(cls, value: object) -> object:
+        """Refuse bare numbers, which pydantic would read as Unix seconds."""
+        # pydantic reads a bare number as Unix seconds: `since=2024` would mean 1970-01-01T00:33:44Z
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            raise ValueError("expected an ISO 8601 date or date-time (e.g. 2024-05-01T12:00:00Z), not a number")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        """The time in UTC (no zone: UTC); 422 rather than an overflow for times beyond year 1 or 9999."""
+        if value is None:
+            return None
+        try:
+            return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        except OverflowError:
+            raise ValueError("the time is out of range once converted to UTC") from None
 
 
 class StoredImage(BaseModel):

@@ -43,7 +43,15 @@ def image_url(generation_id: str, index: int) -> str:
     return f"/v1/generations/{generation_id}/images/{index}.png"
 
 
-@router.post("/generations", response_model=GenerationResponse, responses=ERROR_RESPONSES)
+GENERATION_ERRORS = {
+    **ERROR_RESPONSES,
+    409: {"model": ErrorResponse, "description": "No worker has the requested reproducibility_key"},
+    413: {"model": ErrorResponse, "description": "Body over 1 MiB"},
+    500: {"model": ErrorResponse, "description": "The pipeline raised (generation_failed)"},
+}
+
+
+@router.post("/generations", response_model=GenerationResponse, responses=GENERATION_ERRORS)
 async def create_generation(
     body: GenerationRequest, dispatcher: DispatcherDep, archive: ArchiveDep, http_request: Request
 ) -> GenerationResponse:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Request
 
 from app.api.deps import ArchiveDep
 from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
+from app.provenance.manifest import parse_json
 from app.provenance.png import PNG_SIGNATURE
 from app.provenance.verification import UnverifiableInput, Verification
 from app.schemas import ErrorResponse, KeyList, PublicKeyInfo, VerifyResponse
@@ -64,7 +64,7 @@ async def verify(request: Request, archive: ArchiveDep) -> VerifyResponse:
             result = await asyncio.to_thread(archive.verify_png, body)
         elif body.lstrip()[:1] in (b"{", b"["):
             try:
-                document = json.loads(body)
+                document = parse_json(body)
             except ValueError as exc:
                 raise MalformedRequest(f"the body is not valid JSON: {exc}", param="body") from None
             if not isinstance(document, dict):

@@ -33,4 +33,4 @@ async def replay(request: Request, dispatcher: DispatcherDep) -> dict:
     if not body:
         raise InvalidRequest('send a manifest, {"generation_id": ...} or a PNG as the body', param="body")
     source = await asyncio.to_thread(load_source, body, getattr(request.app.state, "archive", None))
-    return await reproduce(dispatcher, source)
+    return await reproduce(dispatcher, source, disconnected=request.is_disconnected)

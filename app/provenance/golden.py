@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.samplers import SamplerName
 from app.storage import write_atomic
 
+log = logging.getLogger("app.golden")
+
 EMBEDDED_SUITE = Path(__file__).resolve().parent / "golden.yaml"
 BASELINES_FORMAT = "sameseed.baselines/1"
+_CASE_NAME = r"^[a-z0-9][a-z0-9-]{0,63}$"
 
 
 class GoldenCase(BaseModel):
@@ -23,7 +27,7 @@ class GoldenCase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+    name: Annotated[str, Field(pattern=_CASE_NAME)]
     family: str
     prompt: str
     negative_prompt: str = ""
@@ -69,9 +73,9 @@ class Baseline(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    case: str
-    suite_version: int
-    model: str
+    case: Annotated[str, Field(pattern=_CASE_NAME)]
+    suite_version: Annotated[int, Field(strict=True, ge=1)]  # strict: `false` is not version 0
+    model: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]  # a registry id
     reproducibility_key: Annotated[str, Field(pattern=r"^rk1-[0-9a-f]{64}$")]
     latent_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     pixel_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -127,7 +131,10 @@ class BaselineStore:
             expected = self._items.get(self._key(actual))
             if expected is None:
                 self._items[self._key(actual)] = actual
-                self._write()
+                try:
+                    self._write()
+                except OSError as exc:  # the verdict stands; the baseline is kept in memory until a write works
+                    log.error("cannot write golden baselines to %s: %s", self.path, exc)
                 return CaseVerdict("baseline_recorded", None)
         same = (expected.latent_sha256, expected.pixel_sha256) == (actual.latent_sha256, actual.pixel_sha256)
         return CaseVerdict("consistent" if same else "drifted", expected)

@@ -17,6 +17,19 @@ def canonical_json(value: Any) -> bytes:
     ).encode("utf-8")
 
 
+def _refuse_constant(name: str) -> Any:
+    """Python's json accepts NaN and Infinity; the service's JSON does not."""
+    raise ValueError(f"{name} is not JSON (canonical JSON has no NaN or Infinity)")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Parse standard JSON only: ValueError on NaN/Infinity, invalid text or nesting too deep to parse."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

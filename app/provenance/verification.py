@@ -6,7 +6,6 @@ Pure functions over bytes and public keys, shared by POST /v1/verify and the off
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PIL import Image, UnidentifiedImageError
 
 from app.provenance.hashes import pixel_sha256
+from app.provenance.manifest import parse_json
 from app.provenance.png import MANIFEST_KEYWORD, PngError, read_texts
 from app.provenance.signing import verify_signature
 
@@ -60,8 +60,8 @@ class Verification:
 def parse_manifest(text: str | bytes) -> dict[str, Any]:
     """A manifest JSON object; UnverifiableInput when the text is not one."""
     try:
-        document = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
+        document = parse_json(text)
+    except ValueError as exc:
         raise UnverifiableInput(f"the manifest is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise UnverifiableInput("the manifest must be a JSON object")

@@ -19,7 +19,7 @@ from app.metrics import Metrics
 from app.provenance.golden import BaselineStore, load_suite
 from app.schemas import MAX_SEED, GenerationRequest
 from app.worker.messages import RenderImage, WorkerConfig
-from app.worker.pool import WorkerState
+from app.worker.pool import WorkerExited, WorkerState
 from tests.fakes import FAKE_KEY, FakePool
 
 
@@ -423,5 +423,27 @@ def test_a_lone_drifted_worker_stays_in_rotation_visibly_drifted(registry, tmp_p
         assert monitor.worker("w0").state == "drifted"
         assert pool.workers["w0"].state is WorkerState.READY
         assert monitor.report(dispatcher.workers())["status"] == "drifted"
+
+    asyncio.run(scenario())
+
+
+def test_a_quarantined_worker_returns_to_rotation_when_its_consistent_peer_fails_for_good(registry, tmp_path):
+    async def scenario():
+        monitor = monitor_for(registry, tmp_path)
+        dispatcher, pool = make(registry, workers=2, timeout=2.0, consistency=monitor)
+        pool.ready("w0", models=MODELS)
+        await answer_golden(pool, "w0")
+        pool.ready("w1", models=MODELS)
+        await answer_golden(pool, "w1", salt="bad gpu")
+        assert pool.workers["w1"].state is WorkerState.QUARANTINED
+        pool.die("w0")  # restarting: w1 stays out of rotation, the peer is coming back
+        assert pool.workers["w1"].state is WorkerState.QUARANTINED
+        pool.workers["w0"].state = WorkerState.FAILED  # e.g. gave up after rapid crashes
+        pool.sink(pool.workers["w0"], WorkerExited("w0", -9))
+        assert pool.workers["w1"].state is WorkerState.READY  # was: quarantined for good, every job hung to 504
+        task = asyncio.create_task(dispatcher.generate(req(seed=1)))
+        await until(lambda: renders(pool) and renders(pool)[-1].job_id.startswith("gen_"))
+        pool.answer("w1", renders(pool)[-1])
+        assert (await task).images[0].worker_id == "w1"
 
     asyncio.run(scenario())

@@ -103,3 +103,17 @@ def test_embedded_registry_pins_every_file_of_the_tiny_model(registry):
     folder = registry.local_folder(tiny, registry.base_dir)
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert on_disk and set(tiny.sha256) == on_disk
+
+
+def test_an_unwritable_baselines_file_still_gives_a_verdict(tmp_path):
+    from app.provenance.golden import Baseline, BaselineStore
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    store = BaselineStore(blocker / "baselines.json")  # its folder cannot be created
+    actual = Baseline(
+        case="pndm-default", suite_version=1, model="sameseed-tiny", reproducibility_key="rk1-" + "a" * 64,
+        latent_sha256="b" * 64, pixel_sha256="c" * 64, recorded_at="2026-11-22T00:00:00Z",
+    )
+    assert store.judge(actual).state == "baseline_recorded"
+    assert store.judge(actual).state == "consistent"  # kept in memory

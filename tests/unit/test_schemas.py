@@ -46,3 +46,8 @@ def test_num_images_is_one_to_eight(n):
 def test_unknown_sampler_and_empty_prompt_are_refused():
     found = errors_of(prompt="", sampler="k_euler")
     assert set(found) == {"prompt", "sampler"}
+
+
+def test_a_nul_character_in_a_prompt_is_refused():
+    assert errors_of(prompt="a\x00cat") == {"prompt": "value_error"}
+    assert errors_of(prompt="a", negative_prompt="\x00") == {"negative_prompt": "value_error"}
