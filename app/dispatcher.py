@@ -408,11 +408,18 @@ class Dispatcher:
             self._apply_quarantine()  # a peer that is gone for good no longer vouches for its group
         elif isinstance(event, WorkerReady):
             self.start_check(worker)
-        if not any(w.state in SERVING or w.state in COMING for w in self.workers()):
-            reasons = "; ".join(f"{w.id}: {w.last_error}" for w in self.workers())
-            for job in list(self._jobs.values()):
-                self._fail(job, NotReady(f"no worker can serve requests ({reasons})"))
+        self._fail_stranded_jobs()
         self._pump()
+
+    def _fail_stranded_jobs(self) -> None:
+        """Fail jobs whose group (or the whole pool) has no worker serving or coming back."""
+        alive = [w for w in self.workers() if w.state in SERVING or w.state in COMING]
+        for job in list(self._jobs.values()):
+            group = [w for w in alive if job.group_key in (None, w.group_key)]
+            if not group:
+                members = [w for w in self.workers() if job.group_key in (None, w.group_key)]
+                reasons = "; ".join(f"{w.id}: {w.last_error}" for w in members) or "no worker of its group"
+                self._fail(job, NotReady(f"no worker can serve {job.id} ({reasons})"))
 
     def _release(self, worker: WorkerHandle) -> tuple[Any, int] | None:
         current, worker.current = worker.current, None

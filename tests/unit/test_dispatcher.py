@@ -447,3 +447,20 @@ def test_a_quarantined_worker_returns_to_rotation_when_its_consistent_peer_fails
         assert (await task).images[0].worker_id == "w1"
 
     asyncio.run(scenario())
+
+
+def test_a_job_whose_group_fails_for_good_is_503_while_another_group_serves(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0", group_key="A")
+        pool.ready("w1", group_key="B")
+        task = asyncio.create_task(dispatcher.generate(req(seed=1, num_images=2)))
+        await until(lambda: len(renders(pool)) == 1)
+        (worker_id, _), = pool.sent
+        handle = pool.workers[worker_id]
+        handle.state, handle.last_error = WorkerState.FAILED, "gave up after 5 rapid restarts"
+        pool.sink(handle, WorkerExited(worker_id, -9))
+        with pytest.raises((NotReady, WorkerLost), match="gave up|died"):
+            await asyncio.wait_for(task, timeout=2)
+
+    asyncio.run(scenario())
