@@ -31,3 +31,8 @@ async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
         ],
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
+
+
+# Load balancers and orchestrators often probe with HEAD: same answers, outside the OpenAPI spec.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)

@@ -129,3 +129,9 @@ def test_readyz_is_503_while_no_worker_is_ready(tmp_path):
         response = client.get("/readyz")
         assert response.status_code == 503
         assert [w["state"] for w in response.json()["workers"]] == ["starting", "starting"]
+
+
+def test_health_and_readiness_answer_head_for_load_balancers(client):
+    assert client.head("/healthz").status_code == 200
+    ready = client.head("/readyz")
+    assert ready.status_code == 200 and ready.content == b""
