@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +14,11 @@ from pydantic import ValidationError
 from app.dispatcher import Disconnected, Dispatcher
 from app.errors import InvalidRequest, MalformedRequest, SameseedError
 from app.provenance.drift import key_differences, latent_drift, pixel_drift
-from app.provenance.hashes import latents_from_bytes
+from app.provenance.hashes import latents_from_bytes, pixel_sha256
 from app.provenance.manifest import Manifest, parse_json
-from app.provenance.png import MANIFEST_KEYWORD, PNG_SIGNATURE, PngError, read_texts
+from app.provenance.png import PNG_SIGNATURE
+from app.provenance.verification import UnverifiableInput, decode_pixels, embedded_manifest, pixel_matches
 from app.schemas import GenerationRequest
-
-MAX_REPLAY_PIXELS = 8192 * 8192  # the largest size any model may produce
 
 
 @dataclass
@@ -34,43 +32,26 @@ class ReplaySource:
     signature: dict[str, Any] | None = None
 
 
-def _manifest_from_png(png: bytes) -> dict[str, Any]:
-    try:
-        texts = read_texts(png)
-    except PngError as exc:
-        raise MalformedRequest(f"the PNG is malformed: {exc}", param="body") from None
-    if MANIFEST_KEYWORD not in texts:
-        raise InvalidRequest(f"the PNG carries no {MANIFEST_KEYWORD!r} manifest to replay", param="body")
-    try:
-        document = parse_json(texts[MANIFEST_KEYWORD])
-    except ValueError as exc:
-        raise InvalidRequest(f"the PNG's embedded manifest is not valid JSON: {exc}", param="body") from None
-    if not isinstance(document, dict):
-        raise InvalidRequest("the PNG's embedded manifest is not a JSON object", param="body")
-    return document
-
-
 def _decode(png: bytes) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(png)) as image:
-            if image.width * image.height > MAX_REPLAY_PIXELS:
-                raise InvalidRequest(f"the PNG is {image.width}x{image.height}; too large to replay", param="body")
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, InvalidRequest):
-            raise
-        raise InvalidRequest(f"the PNG's pixels cannot be decoded: {exc}", param="body") from None
+        return decode_pixels(png)
+    except UnverifiableInput as exc:
+        raise InvalidRequest(str(exc), param="body") from None
 
 
 def load_source(body: bytes, archive: Any | None) -> ReplaySource:
     """Parse the request body: a PNG with a manifest, a manifest JSON, or {"generation_id": ...} (blocking)."""
     if body.startswith(PNG_SIGNATURE):
-        manifest = _manifest_from_png(body)
+        try:
+            manifest = embedded_manifest(body)
+        except UnverifiableInput as exc:
+            raise InvalidRequest(str(exc), param="body") from None
         source = ReplaySource(manifest=manifest, origin="png")
         image = _decode(body)
-        digest_index = _index_by_pixels(manifest, image)
-        if digest_index is not None:
-            source.pixels[digest_index] = image
+        matches = pixel_matches(manifest, pixel_sha256(image))
+        index = matches[0] if matches else None
+        if isinstance(index, int) and not isinstance(index, bool):
+            source.pixels[index] = image
         return _with_signature(source, archive)
     try:
         document = parse_json(body)
@@ -83,18 +64,6 @@ def load_source(body: bytes, archive: Any | None) -> ReplaySource:
     if "manifest" in document and isinstance(document["manifest"], dict):
         document = document["manifest"]  # a whole /v1/generations response body is accepted too
     return _with_signature(ReplaySource(manifest=document, origin="manifest"), archive)
-
-
-def _index_by_pixels(manifest: dict[str, Any], image: Image.Image) -> int | None:
-    from app.provenance.hashes import pixel_sha256
-
-    digest = pixel_sha256(image)
-    images = manifest.get("images")
-    for entry in images if isinstance(images, list) else []:
-        if isinstance(entry, dict) and entry.get("pixel_sha256") == digest:
-            index = entry.get("index")
-            return index if isinstance(index, int) and not isinstance(index, bool) else None
-    return None
 
 
 def _with_signature(source: ReplaySource, archive: Any | None) -> ReplaySource:
@@ -119,33 +88,21 @@ def _from_ledger(generation_id: str, archive: Any | None) -> ReplaySource:
     return _with_signature(source, archive)
 
 
-def _request_of(manifest: Manifest, key: str | None) -> GenerationRequest:
-    r = manifest.request
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    return ".".join(str(p) for p in first.get("loc", ())), str(first.get("msg"))
+
+
+def _request_of(manifest: Manifest) -> GenerationRequest:
+    """The manifest's generation parameters as a request, checked like any client's."""
     try:
-        return _build_request(r, key)
+        return GenerationRequest.model_validate(manifest.request.model_dump())
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field_name = ".".join(str(p) for p in first.get("loc", ()))
+        where, message = _first_error(exc)
         raise InvalidRequest(
-            f"the manifest's request cannot be replayed here: {field_name}: {first.get('msg')}",
-            param=f"manifest.request.{field_name}",
+            f"the manifest's request cannot be replayed here: {where}: {message}",
+            param=f"manifest.request.{where}",
         ) from None
-
-
-def _build_request(r: Any, key: str | None) -> GenerationRequest:
-    return GenerationRequest(
-        model=r.model,
-        prompt=r.prompt,
-        negative_prompt=r.negative_prompt,
-        seed=r.seed,
-        steps=r.steps,
-        guidance_scale=r.guidance_scale,
-        width=r.width,
-        height=r.height,
-        sampler=r.sampler,  # type: ignore[arg-type]
-        num_images=r.num_images,
-        reproducibility_key=key,
-    )
 
 
 async def reproduce(
@@ -156,9 +113,8 @@ async def reproduce(
     try:
         original = Manifest.model_validate(source.manifest)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidRequest(f"not a valid Sameseed manifest: {where}: {first.get('msg')}", param="manifest") from None
+        where, message = _first_error(exc)
+        raise InvalidRequest(f"not a valid Sameseed manifest: {where}: {message}", param="manifest") from None
     key = original.runtime.reproducibility_key
     model = original.request.model
     if len(original.images) != original.request.num_images:
@@ -166,7 +122,7 @@ async def reproduce(
             f"the manifest lists {len(original.images)} images but its request made {original.request.num_images}",
             param="manifest.images",
         )
-    request = _request_of(original, None)  # every field checked before any work is queued
+    request = _request_of(original)  # every field checked before any work is queued
 
     # 2. Route to the manifest's key when a worker has it; otherwise anywhere, and say so.
     has_key = any(w.models.get(model, {}).get("reproducibility_key") == key for w in dispatcher.workers())

@@ -81,34 +81,45 @@ def verify_manifest(manifest: Mapping[str, Any], public_keys: Mapping[str, Ed255
     )
 
 
-def _pixel_hash(png: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(png)) as image:
-            if image.width * image.height > MAX_VERIFY_PIXELS:
-                raise UnverifiableInput(f"the PNG is {image.width}x{image.height}; too large to verify")
-            return pixel_sha256(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, UnverifiableInput):
-            raise
-        raise UnverifiableInput(f"the PNG's pixels cannot be decoded: {exc}") from None
-
-
-def verify_png(png: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> Verification:
-    """Check the embedded manifest's signature and that the pixels hash to one of its images."""
+def embedded_manifest(png: bytes) -> dict[str, Any]:
+    """The manifest a PNG embeds; UnverifiableInput when the PNG is malformed or carries none."""
     try:
         texts = read_texts(png)
     except PngError as exc:
         raise UnverifiableInput(str(exc)) from None
     if MANIFEST_KEYWORD not in texts:
         raise UnverifiableInput(f"the PNG carries no {MANIFEST_KEYWORD!r} text chunk")
-    result = verify_manifest(parse_manifest(texts[MANIFEST_KEYWORD]), public_keys)
-    digest = _pixel_hash(png)
-    images = (result.manifest or {}).get("images")
-    matches = [
+    return parse_manifest(texts[MANIFEST_KEYWORD])
+
+
+def decode_pixels(png: bytes) -> Image.Image:
+    """A PNG's pixels as RGB; UnverifiableInput when undecodable or larger than any model makes."""
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.width * image.height > MAX_VERIFY_PIXELS:
+                raise UnverifiableInput(f"the PNG is {image.width}x{image.height}; too large to verify")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, UnverifiableInput):
+            raise
+        raise UnverifiableInput(f"the PNG's pixels cannot be decoded: {exc}") from None
+
+
+def pixel_matches(manifest: Mapping[str, Any], digest: str) -> list[Any]:
+    """The recorded `index` of every manifest image whose pixel_sha256 is `digest`, in manifest order."""
+    images = manifest.get("images")
+    return [
         image.get("index")
         for image in (images if isinstance(images, list) else [])
         if isinstance(image, dict) and image.get("pixel_sha256") == digest
     ]
+
+
+def verify_png(png: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> Verification:
+    """Check the embedded manifest's signature and that the pixels hash to one of its images."""
+    result = verify_manifest(embedded_manifest(png), public_keys)
+    digest = pixel_sha256(decode_pixels(png))
+    matches = pixel_matches(result.manifest or {}, digest)
     result.pixels_match = bool(matches)
     result.image_index = matches[0] if matches and isinstance(matches[0], int) else None
     if not matches:
