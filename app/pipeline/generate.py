@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from PIL import Image
 
 from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
-from app.provenance.hashes import latent_array, pixel_sha256
+from app.provenance.hashes import latent_array, latent_sha256, pixel_sha256
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
 
         # 6. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
         final = latent_array(latents[0])  # kept so a replay can measure latent drift against it
-        latent_hash = hashlib.sha256(final.tobytes()).hexdigest()
+        latent_hash = latent_sha256(final)
 
         # 7. Decode without the safety checker or a watermark; NaN/Inf pixels are decoded again in float32.
         decoded = decode_latents(model.pipe.vae, latents)

@@ -22,9 +22,9 @@ def latents_from_bytes(raw: bytes, shape: tuple[int, ...]) -> numpy.ndarray | No
     return numpy.frombuffer(raw, dtype=numpy.float32).reshape(shape)
 
 
-def latent_sha256(latents: Any) -> str:
-    """sha256 of one image's final latents as contiguous float32 CPU bytes."""
-    return hashlib.sha256(latent_array(latents).tobytes()).hexdigest()
+def latent_sha256(array: numpy.ndarray) -> str:
+    """sha256 of one image's final latents as `latent_array` gives them (float32, C order)."""
+    return hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def pixel_sha256(image: Image.Image) -> str:
