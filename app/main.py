@@ -16,14 +16,14 @@ import app
 from app.api import consistency, generations, health, metrics, models, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
-from app.archive import Archive
-from app.consistency import ConsistencyMonitor
-from app.dispatcher import Dispatcher, Pool
 from app.errors import SameseedError, error_body
-from app.metrics import Metrics
+from app.models.registry import load_registry
 from app.provenance.golden import BaselineStore, load_suite
-from app.registry import load_registry
+from app.scheduler.dispatcher import Dispatcher, Pool
+from app.services.consistency import ConsistencyMonitor
 from app.settings import Settings
+from app.store.archive import Archive
+from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
 from app.worker.pool import WorkerPool, worker_configs
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.registry import Registry, load_registry
+from app.models.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY
 
 

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from app.registry import load_registry
+from app.models.registry import load_registry
 from app.settings import EMBEDDED_REGISTRY
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt")

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import DispatcherDep, SettingsDep
 from app.api.responses import ERROR_RESPONSES
+from app.api.schemas import BaselineImportResult, ConsistencyReport
 from app.errors import NotReady
 from app.provenance.golden import BaselineDocument
-from app.schemas import BaselineImportResult, ConsistencyReport
 
 router = APIRouter(prefix="/v1/consistency", tags=["consistency"])
 

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.archive import Archive
-from app.dispatcher import Dispatcher
+from app.scheduler.dispatcher import Dispatcher
 from app.settings import Settings
+from app.store.archive import Archive
 
 
 def get_dispatcher(request: Request) -> Dispatcher:

@@ -12,11 +12,7 @@ from fastapi.responses import Response
 
 from app.api.deps import ArchiveDep, DispatcherDep
 from app.api.responses import ERROR_RESPONSES
-from app.archive import iso_utc
-from app.dispatcher import utc_now
-from app.ledger import GenerationQuery, GenerationRow, GenerationStatus
-from app.provenance.hashes import latents_from_bytes
-from app.schemas import (
+from app.api.schemas import (
     ErrorResponse,
     GeneratedImage,
     GenerationFilters,
@@ -27,6 +23,10 @@ from app.schemas import (
     GenerationSummary,
     StoredImage,
 )
+from app.provenance.hashes import latents_from_bytes
+from app.scheduler.dispatcher import utc_now
+from app.store.archive import iso_utc
+from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus
 
 router = APIRouter(prefix="/v1", tags=["generations"])
 

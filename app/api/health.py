@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 import app
 from app.api.deps import DispatcherDep
-from app.schemas import HealthResponse, ReadyResponse, WorkerStatus
+from app.api.schemas import HealthResponse, ReadyResponse, WorkerStatus
 
 router = APIRouter(tags=["health"])
 

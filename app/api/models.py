@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import DispatcherDep
-from app.samplers import SAMPLERS
-from app.schemas import ModelInfo, ModelList, SamplerInfo, SamplerList
+from app.api.schemas import ModelInfo, ModelList, SamplerInfo, SamplerList
+from app.pipeline.samplers import SAMPLERS
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

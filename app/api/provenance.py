@@ -7,11 +7,11 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from app.api.deps import ArchiveDep
+from app.api.schemas import ErrorResponse, KeyList, PublicKeyInfo, VerifyResponse
 from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
 from app.provenance.manifest import parse_json
 from app.provenance.png import PNG_SIGNATURE
 from app.provenance.verification import UnverifiableInput, Verification
-from app.schemas import ErrorResponse, KeyList, PublicKeyInfo, VerifyResponse
 
 router = APIRouter(prefix="/v1", tags=["provenance"])
 

@@ -10,7 +10,7 @@ from app.api.deps import DispatcherDep
 from app.api.provenance import read_body
 from app.api.responses import ERROR_RESPONSES
 from app.errors import InvalidRequest
-from app.replay import load_source, reproduce
+from app.services.replay import load_source, reproduce
 
 router = APIRouter(prefix="/v1", tags=["consistency"])
 

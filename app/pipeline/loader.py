@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ModelUnavailable
+from app.models.registry import ModelEntry, Registry
 from app.pipeline.families import FAMILIES
+from app.pipeline.samplers import SAMPLERS
 from app.provenance.hashes import file_sha256
-from app.registry import ModelEntry, Registry
-from app.samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def resolve_paths(entry: ModelEntry, registry: Registry, data_dir: Path, allow_d
 
 
 def _resolve_source(entry: ModelEntry, registry: Registry, data_dir: Path, allow_download: bool) -> Path:
-    if entry.source.hub is not None:  # fetched, verified against its pins and linked by app.pipeline.hub
-        from app.pipeline.hub import model_path
+    if entry.source.hub is not None:  # fetched, verified against its pins and linked by app.models.hub
+        from app.models.hub import model_path
 
         return model_path(entry, data_dir, allow_download)
     path = registry.local_folder(entry, data_dir)
@@ -100,7 +100,7 @@ def _resolve_vae(entry: ModelEntry, registry: Registry, data_dir: Path, allow_do
     if vae is None:
         return None
     if vae.hub is not None:
-        from app.pipeline.hub import vae_path
+        from app.models.hub import vae_path
 
         return vae_path(entry, data_dir, allow_download)
     assert vae.local is not None

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.samplers import SamplerName
-from app.storage import write_atomic
+from app.pipeline.samplers import SamplerName
+from app.store.files import write_atomic
 
 log = logging.getLogger("app.golden")
 

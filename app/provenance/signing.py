@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from app.provenance.manifest import Manifest, ManifestSignature, canonical_json
-from app.storage import fsync_dir
+from app.store.files import fsync_dir
 
 ALGORITHM = "ed25519"
 GENERATED_KEY_NAME = "signing_key.pem"

@@ -32,9 +32,9 @@ class Engine:
     """Owns this worker's loaded models (loaded once, kept) and renders images with them."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        from app.models.registry import load_registry
         from app.pipeline.determinism import configure_torch, runtime_fingerprint
         from app.pipeline.loader import quiet_libraries
-        from app.registry import load_registry
 
         configure_torch(config.device, config.cpu_threads, config.cpu_mkldnn)
         quiet_libraries()
@@ -124,7 +124,7 @@ class Engine:
 
 
 def _setup_logging(config: WorkerConfig) -> None:
-    from app.logs import configure_logging
+    from app.telemetry.logs import configure_logging
 
     configure_logging(config.log_level, worker_id=config.worker_id)
 

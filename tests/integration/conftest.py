@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.launcher import ROOT, ServerProcess
+from app.cli.server_process import ROOT, ServerProcess
 
 __all__ = ["ROOT", "Server"]
 

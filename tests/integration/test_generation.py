@@ -10,7 +10,7 @@ import numpy
 import pytest
 from PIL import Image
 
-from app.samplers import SAMPLERS
+from app.pipeline.samplers import SAMPLERS
 
 
 def hashes(body):

@@ -15,11 +15,11 @@ import yaml
 from fastapi.testclient import TestClient
 
 import app
-from app.cli import cmd_serve, parser
+from app.cli.commands import cmd_serve, parser
 from app.main import create_app
+from app.models.registry import load_registry
 from app.pipeline.determinism import CUBLAS_WORKSPACE_CONFIG
 from app.provenance.key import KEY_RUNTIME_FIELDS, reproducibility_key
-from app.registry import load_registry
 from app.settings import Settings
 from tests.fakes import RUNTIME, FakePool
 
@@ -288,7 +288,7 @@ def test_requirements_lock_alone_gives_an_importable_app_in_a_clean_venv(tmp_pat
     check = subprocess.run([*pip, "check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     probe = (
-        "import app.cli, app.main, app.pipeline.loader, app.pipeline.hub, app.worker.process; "
+        "import app.cli.commands, app.main, app.pipeline.loader, app.models.hub, app.worker.process; "
         "import torch, diffusers, transformers, safetensors, huggingface_hub; print('ok')"
     )
     imported = subprocess.run([python, "-I", "-c", f"import sys; sys.path.insert(0, '.'); {probe}"], cwd=ROOT,

@@ -2,8 +2,7 @@ import asyncio
 
 import pytest
 
-from app.consistency import ConsistencyMonitor
-from app.dispatcher import Dispatcher, resolve_request
+from app.api.schemas import MAX_SEED, GenerationRequest
 from app.errors import (
     ClientDisconnected,
     GenerationFailed,
@@ -15,9 +14,10 @@ from app.errors import (
     QueueFull,
     WorkerLost,
 )
-from app.metrics import Metrics
 from app.provenance.golden import BaselineStore, load_suite
-from app.schemas import MAX_SEED, GenerationRequest
+from app.scheduler.dispatcher import Dispatcher, resolve_request
+from app.services.consistency import ConsistencyMonitor
+from app.telemetry.metrics import Metrics
 from app.worker.messages import RenderImage, WorkerConfig
 from app.worker.pool import WorkerExited, WorkerState
 from tests.fakes import FAKE_KEY, FakePool

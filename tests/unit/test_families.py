@@ -11,12 +11,12 @@ import torch
 
 from app.errors import ModelUnavailable
 from app.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_unet_key, write_sd1_checkpoint
+from app.models.registry import EMBEDDED_CONFIGS, RegistryError, load_registry
 from app.pipeline.families import FAMILIES
 from app.pipeline.generate import ImageParams, decode_latents, render_image, token_warnings
 from app.pipeline.loader import load_model, resolve_paths, verify_files
 from app.provenance.hashes import file_sha256
 from app.provenance.key import reproducibility_key
-from app.registry import EMBEDDED_CONFIGS, RegistryError, load_registry
 from tests.fakes import RUNTIME
 from tests.model_variants import TINY, TINY_XL, write_hot_vae, write_single_file
 

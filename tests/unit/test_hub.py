@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from app.errors import ModelUnavailable
-from app.pipeline import hub
-from app.pipeline.hub import DIFFUSERS_PATTERNS, PINS_FILE, HubFetch, fetch, plan, pull, read_pins
+from app.models import hub
+from app.models.hub import DIFFUSERS_PATTERNS, PINS_FILE, HubFetch, fetch, plan, pull, read_pins
+from app.models.registry import Registry, load_registry
 from app.pipeline.loader import VAE_FILES
 from app.provenance.hashes import file_sha256
-from app.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY
 from tests.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
 
@@ -257,11 +257,11 @@ def test_models_pull_command_exits_1_with_the_reason_when_a_model_cannot_be_had(
 
 
 def test_only_the_hub_module_calls_huggingface_hub_downloads():
-    # huggingface_hub download calls live in app/pipeline/hub.py alone: one place pins and verifies
+    # huggingface_hub download calls live in app/models/hub.py alone: one place pins and verifies
     callers = sorted(
         p.relative_to(ROOT).as_posix()
         for p in (ROOT / "app").rglob("*.py")
         if any(name in p.read_text(encoding="utf-8") for name in ("snapshot_download", "hf_hub_download"))
     )
-    assert callers == ["app/pipeline/hub.py"]
+    assert callers == ["app/models/hub.py"]
     assert hub.VAE_FILES == VAE_FILES  # what the hub fetches for a replacement VAE is what the loader reads

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from app.ledger import (
+from app.store.files import ImageStore
+from app.store.ledger import (
     SCHEMA_VERSION,
     GenerationQuery,
     GenerationRow,
@@ -15,7 +16,6 @@ from app.ledger import (
     Ledger,
     LedgerError,
 )
-from app.storage import ImageStore
 
 
 def row(n, *, model="sameseed-tiny", key="rk1-a", images=1, received=None):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from app.schemas import MAX_SEED, GenerationRequest
+from app.api.schemas import MAX_SEED, GenerationRequest
 
 
 def errors_of(**body):

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.pipeline.samplers import SamplerName
 from app.provenance.manifest import Manifest
-from app.samplers import SamplerName
 
 MAX_SEED = 2**53 - 1  # JavaScript clients keep every integer up to here exact
 MAX_IMAGES = 8

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from app.consistency import ConsistencyMonitor, GoldenRun, WorkerConsistency
+from app.api.schemas import MAX_SEED, GenerationRequest
 from app.errors import (
     ClientDisconnected,
     InvalidRequest,
@@ -32,14 +32,14 @@ from app.errors import (
     WorkerLost,
     error_from_type,
 )
-from app.metrics import Metrics
+from app.models.registry import Registry
 from app.provenance.manifest import Manifest
-from app.registry import Registry
-from app.schemas import MAX_SEED, GenerationRequest
+from app.services.consistency import ConsistencyMonitor, GoldenRun, WorkerConsistency
+from app.telemetry.metrics import Metrics
 from app.worker.messages import ImageFailed, ImageRendered, RenderImage, WorkerReady
 from app.worker.pool import WorkerExited, WorkerHandle, WorkerState
 
-log = logging.getLogger("app.dispatcher")
+log = logging.getLogger("app.scheduler.dispatcher")
 
 MAX_ATTEMPTS = 2  # an image whose worker died is retried once: safe, the result is deterministic
 SERVING = (WorkerState.READY, WorkerState.BUSY)

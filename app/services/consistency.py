@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.metrics import Metrics
+from app.models.registry import Registry
 from app.provenance.golden import Baseline, BaselineStore, GoldenCase, GoldenSuite, summarize
-from app.registry import Registry
+from app.telemetry.metrics import Metrics
 from app.worker.messages import ImageRendered, RenderImage
 
-log = logging.getLogger("app.consistency")
+log = logging.getLogger("app.services.consistency")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-log = logging.getLogger("app.server")
+log = logging.getLogger("app.cli.serve")
 
 
 class DrainingServer(uvicorn.Server):

@@ -18,15 +18,15 @@ from datetime import UTC, datetime, timedelta
 import numpy
 
 from app.errors import GenerationNotFound, ImageGone, StorageUnavailable
-from app.ledger import GenerationQuery, GenerationRow, GenerationStatus, ImageRow, Ledger
 from app.provenance.manifest import Manifest, canonical_json
 from app.provenance.png import embed_provenance
 from app.provenance.signing import KeyRing, PublicKeyEntry, load_private_key
 from app.provenance.verification import Verification, verify_manifest, verify_png
 from app.settings import Settings
-from app.storage import ImageStore
+from app.store.files import ImageStore
+from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus, ImageRow, Ledger
 
-log = logging.getLogger("app.archive")
+log = logging.getLogger("app.store.archive")
 
 LEDGER_NAME = "ledger.sqlite3"
 _PRUNE_BATCH = 200

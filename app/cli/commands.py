@@ -23,8 +23,8 @@ def _settings(**overrides: object):  # noqa: ANN202 - returns Settings; imported
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
-    from app.logs import configure_logging
-    from app.registry import RegistryError, load_registry
+    from app.models.registry import RegistryError, load_registry
+    from app.telemetry.logs import configure_logging
     from app.worker.pool import WorkerPool, worker_configs
 
     settings = _settings(host=args.host, port=args.port)
@@ -34,8 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry = load_registry(settings.models)
         # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
         pool = WorkerPool(worker_configs(settings, settings.default_model or registry.default_model)).launch()
+        from app.cli.serve import run
         from app.main import create_app
-        from app.server import run
 
         launched = pool
         application = create_app(settings, pool_factory=lambda _configs, sink: launched.attach(sink))
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     """Print the registered models."""
-    from app.registry import load_registry
+    from app.models.registry import load_registry
 
     settings = _settings()
     registry = load_registry(settings.models)
@@ -80,9 +80,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     """Make models loadable offline (hub: download, verify, pin; builtin: build; local: check); print hashes."""
     from app.errors import SameseedError
-    from app.pipeline.hub import pull
+    from app.models.hub import pull
+    from app.models.registry import load_registry
     from app.pipeline.loader import resolve_paths, verify_files
-    from app.registry import load_registry
 
     settings = _settings()
     registry = load_registry(settings.models)
@@ -114,14 +114,14 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def _remote(args: argparse.Namespace):  # noqa: ANN202 - a SameseedClient
-    from app.remote import SameseedClient
+    from app.cli.client import SameseedClient
 
     return SameseedClient(args.server, api_key=args.api_key)
 
 
 def cmd_golden_run(args: argparse.Namespace) -> int:
     """Run the golden suite on a server now; write the report; exit 1 when any worker drifted."""
-    from app.remote import RemoteError
+    from app.cli.client import RemoteError
 
     client = _remote(args)
     try:
@@ -142,7 +142,7 @@ def cmd_golden_run(args: argparse.Namespace) -> int:
 
 def cmd_baselines(args: argparse.Namespace) -> int:
     """Export a server's golden baselines to a file, or import a file into it."""
-    from app.remote import RemoteError
+    from app.cli.client import RemoteError
 
     client = _remote(args)
     try:
@@ -164,7 +164,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
-    from app.bench import run_bench
+    from app.cli.bench import run_bench
 
     run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, out=args.out)
     return 0

@@ -9,13 +9,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.samplers import SamplerName
+from app.pipeline.samplers import SamplerName
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Diffusers-format config folders shipped with Sameseed for single-file checkpoints, by family.
-EMBEDDED_CONFIGS = Path(__file__).resolve().parent / "models" / "configs"
+EMBEDDED_CONFIGS = Path(__file__).resolve().parent / "configs"
 SINGLE_FILE_CONFIGS: dict[str, str] = {"sd1": "sd15"}
 
 

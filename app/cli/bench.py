@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from app.launcher import ServerProcess
+from app.cli.server_process import ServerProcess
 
 BENCH_MODEL = "sameseed-bench"
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ModelUnavailable
+from app.models.registry import ModelEntry
 from app.provenance.hashes import file_sha256
-from app.registry import ModelEntry
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ import numpy
 from PIL import Image
 from pydantic import ValidationError
 
-from app.dispatcher import Disconnected, Dispatcher
+from app.api.schemas import GenerationRequest
 from app.errors import InvalidRequest, MalformedRequest, SameseedError
 from app.provenance.drift import key_differences, latent_drift, pixel_drift
 from app.provenance.hashes import latents_from_bytes, pixel_sha256
 from app.provenance.manifest import Manifest, parse_json
 from app.provenance.png import PNG_SIGNATURE
 from app.provenance.verification import UnverifiableInput, decode_pixels, embedded_manifest, pixel_matches
-from app.schemas import GenerationRequest
+from app.scheduler.dispatcher import Disconnected, Dispatcher
 
 
 @dataclass
