@@ -16,30 +16,32 @@ import app
 from app.api import consistency, generations, health, metrics, models, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
+from app.cli.startup import Startup, prepare
 from app.errors import SameseedError, error_body
-from app.models.registry import load_registry
 from app.provenance.golden import BaselineStore, load_suite
-from app.scheduler.dispatcher import Dispatcher, Pool
+from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
+from app.services.generation import GenerationService
 from app.settings import Settings
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
-from app.worker.pool import WorkerPool, worker_configs
+from app.worker.pool import WorkerPool
 
 log = logging.getLogger("app.main")
 
-PoolFactory = Callable[[list[WorkerConfig], Callable[..., None]], Pool]
+PoolFactory = Callable[[list[WorkerConfig]], WorkerPool]
 
 
-def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> FastAPI:
+def create_app(
+    settings: Settings, pool_factory: PoolFactory | None = None, *, startup: Startup | None = None
+) -> FastAPI:
     """Build the FastAPI app; the registry is validated now, workers start in the lifespan."""
-    registry = load_registry(settings.models)
-    default_model = settings.default_model or registry.default_model
-    if registry.get(default_model) is None:
-        raise ValueError(f"SAMESEED_DEFAULT_MODEL={default_model!r} is not in the registry {settings.models}")
+    startup = startup or prepare(settings)
+    if pool_factory is None:
+        def pool_factory(configs: list[WorkerConfig]) -> WorkerPool:
+            return WorkerPool(configs, start_timeout_s=settings.worker_start_timeout_s)
 
-    configs = worker_configs(settings, default_model)  # `cuda` without GPUs fails here, before serving
     suite = load_suite(settings.golden_suite)
     archive = Archive(settings)  # an unreadable SAMESEED_SIGNING_KEY_FILE fails here too
 
@@ -48,30 +50,38 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await archive.start()
         fastapi_app.state.archive = archive
+        metrics_ = fastapi_app.state.metrics
         dispatcher = Dispatcher(
-            registry=registry,
-            default_model=default_model,
+            pool=pool_factory(startup.configs),
             max_queue=settings.max_queue,
             job_timeout_s=settings.job_timeout_s,
-            metrics=fastapi_app.state.metrics,
-            consistency=ConsistencyMonitor(
-                suite=suite,
-                store=BaselineStore(settings.data_dir / "consistency" / "baselines.json"),
-                registry=registry,
-                metrics=fastapi_app.state.metrics,
-                interval_s=settings.consistency_interval_s,
-                quarantine_on_drift=settings.quarantine_on_drift,
-            ),
+            metrics=metrics_,
         )
-        pool = pool_factory(configs, dispatcher.on_event)
-        dispatcher.attach(pool)
-        pool.start()
-        dispatcher.start_periodic_checks()
-        fastapi_app.state.dispatcher = dispatcher
+        monitor = ConsistencyMonitor(
+            suite=suite,
+            store=BaselineStore(settings.data_dir / "consistency" / "baselines.json"),
+            registry=startup.registry,
+            metrics=metrics_,
+            interval_s=settings.consistency_interval_s,
+            quarantine_on_drift=settings.quarantine_on_drift,
+        )
+        monitor.attach(dispatcher)
+        fastapi_app.state.dispatcher = dispatcher  # the serve wiring drains it on SIGTERM
+        fastapi_app.state.consistency = monitor
+        fastapi_app.state.generations = GenerationService(
+            registry=startup.registry,
+            default_model=startup.default_model,
+            dispatcher=dispatcher,
+            archive=archive,
+            metrics=metrics_,
+        )
+        dispatcher.start()
+        monitor.start_periodic()
         try:
             yield
         finally:
             try:
+                monitor.stop()
                 await dispatcher.close()
             finally:
                 await archive.stop()

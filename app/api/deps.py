@@ -1,4 +1,4 @@
-"""Request-scoped dependencies as Annotated aliases."""
+"""Request-scoped dependencies as Annotated aliases: the services routes call, created in the lifespan."""
 
 from __future__ import annotations
 
@@ -6,14 +6,24 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.scheduler.dispatcher import Dispatcher
+from app.errors import NotReady
+from app.services.consistency import ConsistencyMonitor
+from app.services.generation import GenerationService
 from app.settings import Settings
 from app.store.archive import Archive
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
-    """The app's dispatcher, created in the lifespan."""
-    return request.app.state.dispatcher
+def get_generations(request: Request) -> GenerationService:
+    """The app's generation service."""
+    return request.app.state.generations
+
+
+def get_consistency(request: Request) -> ConsistencyMonitor:
+    """The app's golden-check monitor; 503 when golden checks are not configured."""
+    monitor = getattr(request.app.state, "consistency", None)
+    if monitor is None:
+        raise NotReady("golden checks are not configured on this server")
+    return monitor
 
 
 def get_archive(request: Request) -> Archive:
@@ -26,6 +36,7 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+GenerationDep = Annotated[GenerationService, Depends(get_generations)]
+ConsistencyDep = Annotated[ConsistencyMonitor, Depends(get_consistency)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ArchiveDep = Annotated[Archive, Depends(get_archive)]

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from app.api.deps import ArchiveDep, DispatcherDep
+from app.api.deps import ArchiveDep, GenerationDep
 from app.api.responses import ERROR_RESPONSES
 from app.api.schemas import (
     ErrorResponse,
@@ -23,8 +23,7 @@ from app.api.schemas import (
     GenerationSummary,
     StoredImage,
 )
-from app.provenance.hashes import latents_from_bytes
-from app.scheduler.dispatcher import utc_now
+from app.scheduler.work import utc_now
 from app.store.archive import iso_utc
 from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus
 
@@ -53,33 +52,29 @@ GENERATION_ERRORS = {
 
 @router.post("/generations", response_model=GenerationResponse, responses=GENERATION_ERRORS)
 async def create_generation(
-    body: GenerationRequest, dispatcher: DispatcherDep, archive: ArchiveDep, http_request: Request
+    body: GenerationRequest, generations: GenerationDep, http_request: Request
 ) -> GenerationResponse:
     """Generate images deterministically; sign, embed and store them durably, then answer."""
     received = utc_now()
-    outcome = await dispatcher.generate(body, received_at=received, disconnected=http_request.is_disconnected)
-    # Files and ledger rows are durable before the answer leaves: a 200 survives SIGKILL.
-    archived = await asyncio.to_thread(
-        archive.record,
-        outcome.manifest,
-        [image.png for image in outcome.images],
-        [latents_from_bytes(image.latents, image.latent_shape) for image in outcome.images],
+    params = generations.resolve(**body.param_fields())
+    stored = await generations.create(
+        params,
+        reproducibility_key=body.reproducibility_key,
+        received_at=received,
+        disconnected=http_request.is_disconnected,
     )
     inline = body.response_format == "b64_png"
     return GenerationResponse(
-        id=outcome.id,
+        id=stored.manifest.id,
         images=[
             GeneratedImage(
-                index=image.index,
-                seed=image.seed,
+                **image.hash_fields(),
                 png_base64=base64.b64encode(png).decode("ascii") if inline else None,
-                url=image_url(outcome.id, image.index),
-                latent_sha256=image.latent_sha256,
-                pixel_sha256=image.pixel_sha256,
+                url=image_url(stored.manifest.id, image.index),
             )
-            for image, png in zip(archived.manifest.images, archived.pngs, strict=True)
+            for image, png in zip(stored.manifest.images, stored.pngs, strict=True)
         ],
-        manifest=archived.manifest,
+        manifest=stored.manifest,
     )
 
 
@@ -96,15 +91,7 @@ def _summary(row: GenerationRow) -> dict:
         "pruned_at": row.pruned_at,
         "key_id": row.key_id,
         "images": [
-            StoredImage(
-                index=i.index,
-                seed=i.seed,
-                latent_sha256=i.latent_sha256,
-                pixel_sha256=i.pixel_sha256,
-                width=i.width,
-                height=i.height,
-                url=image_url(row.id, i.index) if stored else None,
-            )
+            StoredImage(**i.hash_fields(), url=image_url(row.id, i.index) if stored else None)
             for i in row.images
         ],
     }

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 import app
-from app.api.deps import DispatcherDep
+from app.api.deps import GenerationDep
 from app.api.schemas import HealthResponse, ReadyResponse, WorkerStatus
 
 router = APIRouter(tags=["health"])
@@ -19,14 +19,16 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
+async def readyz(generations: GenerationDep, request: Request) -> JSONResponse:
     """200 when a worker has its pipeline loaded, else 503; lists every worker either way."""
+    monitor = getattr(request.app.state, "consistency", None)
+    dispatcher = generations.dispatcher
     body = ReadyResponse(
         ready=dispatcher.ready(),
         draining=dispatcher.draining,
         queue_depth=dispatcher.waiting_jobs(),
         workers=[
-            WorkerStatus(**w.describe(), consistency=dispatcher.consistency_state(w.id))
+            WorkerStatus(**w.describe(), consistency=monitor.worker(w.id).state if monitor else None)
             for w in dispatcher.workers()
         ],
     )

@@ -12,7 +12,7 @@ router = APIRouter(tags=["health"])
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     """Every Prometheus series of this server."""
-    dispatcher = getattr(request.app.state, "dispatcher", None)
-    if dispatcher is not None:
-        dispatcher.refresh_metrics()
+    generations = getattr(request.app.state, "generations", None)
+    if generations is not None:
+        generations.dispatcher.refresh_metrics()
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

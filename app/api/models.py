@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import DispatcherDep
+from app.api.deps import GenerationDep
 from app.api.schemas import ModelInfo, ModelList, SamplerInfo, SamplerList
 from app.pipeline.samplers import SAMPLERS
 
@@ -12,11 +12,11 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(dispatcher: DispatcherDep) -> ModelList:
+async def list_models(generations: GenerationDep) -> ModelList:
     """Every model this server may load, with defaults and limits."""
-    registry = dispatcher.registry
+    registry = generations.registry
     return ModelList(
-        default_model=dispatcher.default_model,
+        default_model=generations.default_model,
         models=[
             ModelInfo(
                 id=m.id,
@@ -24,7 +24,7 @@ async def list_models(dispatcher: DispatcherDep) -> ModelList:
                 description=m.description,
                 source_kind=m.source.kind,
                 dtype=m.dtype,
-                default=m.id == dispatcher.default_model,
+                default=m.id == generations.default_model,
                 defaults=m.defaults.model_dump(),
                 limits=m.limits.model_dump(),
                 pinned_files=len(m.sha256),

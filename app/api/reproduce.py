@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 
-from app.api.deps import DispatcherDep
+from app.api.deps import GenerationDep
 from app.api.provenance import read_body
 from app.api.responses import ERROR_RESPONSES
+from app.api.schemas import GenerationRequest, ReplayResponse
 from app.errors import InvalidRequest
-from app.services.replay import load_source, reproduce
+from app.provenance.manifest import Manifest
+from app.services.replay import first_error, load_source, parse_manifest, reproduce
 
 router = APIRouter(prefix="/v1", tags=["consistency"])
 
@@ -26,11 +29,26 @@ _BODY = {
 }
 
 
-@router.post("/reproduce", openapi_extra=_BODY, responses=ERROR_RESPONSES)
-async def replay(request: Request, dispatcher: DispatcherDep) -> dict:
+def request_of(manifest: Manifest) -> GenerationRequest:
+    """The manifest's generation parameters as a request, checked like any client's (422 naming the field)."""
+    try:
+        return GenerationRequest.model_validate(manifest.request.as_dict())
+    except ValidationError as exc:
+        where, message = first_error(exc)
+        raise InvalidRequest(
+            f"the manifest's request cannot be replayed here: {where}: {message}",
+            param=f"manifest.request.{where}",
+        ) from None
+
+
+@router.post("/reproduce", openapi_extra=_BODY, response_model=ReplayResponse, responses=ERROR_RESPONSES)
+async def replay(request: Request, generations: GenerationDep) -> ReplayResponse:
     """Regenerate the images and say `identical` (latents and pixels, bitwise) or how they differ and why."""
     body = await read_body(request)
     if not body:
         raise InvalidRequest('send a manifest, {"generation_id": ...} or a PNG as the body', param="body")
-    source = await asyncio.to_thread(load_source, body, getattr(request.app.state, "archive", None))
-    return await reproduce(dispatcher, source, disconnected=request.is_disconnected)
+    source = await asyncio.to_thread(load_source, body, generations.archive)
+    original = parse_manifest(source)
+    params = generations.resolve(**request_of(original).param_fields())  # every field checked before any work
+    report = await reproduce(generations, source, original, params, disconnected=request.is_disconnected)
+    return ReplayResponse.model_validate(report)

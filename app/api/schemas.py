@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 
+from app.params import MAX_SEED, STRICT, ImageHashes
 from app.pipeline.samplers import SamplerName
 from app.provenance.manifest import Manifest
 
-MAX_SEED = 2**53 - 1  # JavaScript clients keep every integer up to here exact
 MAX_IMAGES = 8
 
 
@@ -64,16 +65,17 @@ class GenerationRequest(BaseModel):
         Field(description="b64_png: images inline as base64 PNG; url: links only (GET the `url`)."),
     ] = "b64_png"
 
+    def param_fields(self) -> dict[str, Any]:
+        """The generation parameters given (absent ones None), for the service to resolve."""
+        return self.model_dump(exclude={"reproducibility_key", "response_format"})
 
-class GeneratedImage(BaseModel):
-    """One image of a generation response."""
 
-    index: int
-    seed: int
+@dataclass(frozen=True, config=STRICT)
+class GeneratedImage(ImageHashes):
+    """One image of a generation response: its hashes, and the PNG inline or by link."""
+
     png_base64: str | None = Field(description="The PNG (signed manifest embedded); null with response_format=url.")
     url: str = Field(description="Path of the stored PNG on this server.")
-    latent_sha256: str
-    pixel_sha256: str
 
 
 class GenerationResponse(BaseModel):
@@ -213,15 +215,10 @@ class GenerationFilters(BaseModel):
             raise ValueError("the time is out of range once converted to UTC") from None
 
 
-class StoredImage(BaseModel):
-    """One image of a stored generation."""
+@dataclass(frozen=True, config=STRICT)
+class StoredImage(ImageHashes):
+    """One image of a stored generation: its hashes and where its PNG is."""
 
-    index: int
-    seed: int
-    latent_sha256: str
-    pixel_sha256: str
-    width: int
-    height: int
     url: str | None = Field(description="Path of the PNG on this server; null once retention pruned it.")
 
 
@@ -325,3 +322,42 @@ class BaselineImportResult(BaseModel):
 
     imported: int
     replaced_all: bool
+
+
+class ReplayImage(BaseModel):
+    """One image of a replay: both hashes of each kind, whether they match, and the drift when measurable."""
+
+    index: int
+    seed: int
+    latent_match: bool
+    pixel_match: bool
+    original_latent_sha256: str
+    replay_latent_sha256: str
+    original_pixel_sha256: str
+    replay_pixel_sha256: str
+    latent_drift: dict[str, Any] | None = Field(description="Set when the original latents are at hand (ledger).")
+    pixel_drift: dict[str, Any] | None = Field(description="Set when the original pixels are at hand (PNG, ledger).")
+
+
+class ReplayOf(BaseModel):
+    """The replay's own generation: its id and manifest (not stored in the ledger)."""
+
+    id: str
+    manifest: dict[str, Any]
+
+
+class ReplayResponse(BaseModel):
+    """POST /v1/reproduce: the verdict, per-image hashes and drift, key differences and notes."""
+
+    verdict: Literal["identical", "different"]
+    identical: bool
+    source: Literal["manifest", "png", "ledger"]
+    original_id: str
+    original_reproducibility_key: str
+    replay_reproducibility_key: str
+    same_key: bool = Field(description="Whether the replay ran under the original's reproducibility key.")
+    differences: list[dict[str, Any]] = Field(description="Manifest fields that differ, and whether each is keyed.")
+    images: list[ReplayImage]
+    signature: dict[str, Any] | None = Field(description="The original manifest's signature check, when signed.")
+    notes: list[str]
+    replay: ReplayOf

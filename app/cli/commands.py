@@ -23,22 +23,23 @@ def _settings(**overrides: object):  # noqa: ANN202 - returns Settings; imported
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
-    from app.models.registry import RegistryError, load_registry
+    from app.cli.startup import prepare
+    from app.models.registry import RegistryError
     from app.telemetry.logs import configure_logging
-    from app.worker.pool import WorkerPool, worker_configs
+    from app.worker.pool import WorkerPool
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level)
     pool: WorkerPool | None = None
     try:
-        registry = load_registry(settings.models)
+        startup = prepare(settings)
         # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
-        pool = WorkerPool(worker_configs(settings, settings.default_model or registry.default_model)).launch()
+        pool = WorkerPool(startup.configs, start_timeout_s=settings.worker_start_timeout_s).launch()
         from app.cli.serve import run
         from app.main import create_app
 
         launched = pool
-        application = create_app(settings, pool_factory=lambda _configs, sink: launched.attach(sink))
+        application = create_app(settings, pool_factory=lambda _configs: launched, startup=startup)
     except (RegistryError, ValueError, RuntimeError) as exc:
         if pool is not None:
             pool.terminate()

@@ -9,23 +9,10 @@ from typing import Any
 
 from PIL import Image
 
+from app.params import GenerationParams
 from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
 from app.provenance.hashes import latent_array, latent_sha256, pixel_sha256
-
-
-@dataclass(frozen=True)
-class ImageParams:
-    """The effective parameters of one image."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    sampler: str
 
 
 @dataclass(frozen=True)
@@ -54,7 +41,7 @@ class Decoded:
     vae_dtype: str  # the VAE's own dtype, e.g. "float16"
 
 
-def token_warnings(model: LoadedModel, params: ImageParams) -> list[dict[str, Any]]:
+def token_warnings(model: LoadedModel, params: GenerationParams) -> list[dict[str, Any]]:
     """Warn for each prompt longer than a text encoder reads, naming how many tokens are dropped."""
     found: list[dict[str, Any]] = []
     for attribute in FAMILIES[model.entry.family].tokenizers:
@@ -138,7 +125,7 @@ def vae_upcast_warning(decoded: Decoded, seed: int) -> dict[str, Any]:
     }
 
 
-def render_image(model: LoadedModel, params: ImageParams) -> RenderedImage:
+def render_image(model: LoadedModel, params: GenerationParams) -> RenderedImage:
     """Generate one image deterministically: same model, runtime and params give the same bits."""
     import torch
 

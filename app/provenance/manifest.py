@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from app.params import STRICT, GenerationParams, ImageHashes
+
+if TYPE_CHECKING:
+    from app.worker.messages import ImageRendered
 
 MANIFEST_FORMAT = "sameseed.manifest/1"
 
@@ -32,21 +39,6 @@ def parse_json(text: str | bytes) -> Any:
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ManifestRequest(_Part):
-    """Every effective generation parameter, defaults filled in."""
-
-    model: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    sampler: str
-    num_images: int
 
 
 class ManifestScheduler(_Part):
@@ -104,15 +96,10 @@ class ManifestRuntime(BaseModel):
     key_fields: list[str] = Field(description="Runtime fields that enter the reproducibility key.")
 
 
-class ManifestImage(_Part):
-    """One image: its seed and the hashes anyone can recompute."""
+@dataclass(frozen=True, config=STRICT)
+class ManifestImage(ImageHashes):
+    """One image as the manifest records it: its hashes, the worker that made it, the VAE guard's verdict."""
 
-    index: int
-    seed: int
-    latent_sha256: str
-    pixel_sha256: str
-    width: int
-    height: int
     worker_id: str
     vae_upcast: bool = Field(
         default=False, description="The VAE gave NaN/Inf in the model dtype; these pixels were decoded in float32."
@@ -150,7 +137,7 @@ class Manifest(_Part):
     id: str
     service: dict[str, str]
     timestamps: ManifestTimestamps
-    request: ManifestRequest
+    request: GenerationParams = Field(description="Every effective generation parameter, defaults filled in.")
     scheduler: ManifestScheduler
     model: ManifestModel
     runtime: ManifestRuntime
@@ -166,32 +153,61 @@ class Manifest(_Part):
         return canonical_json(self.model_dump(mode="json"))
 
 
+def manifest_for(
+    *,
+    generation_id: str,
+    params: GenerationParams,
+    rendered: Sequence[ImageRendered],
+    received: str,
+    started: str,
+    finished: str,
+) -> Manifest:
+    """The manifest of a generation from its parameters and its rendered images (in index order)."""
+    first = rendered[0]
+    warnings: list[dict[str, Any]] = []
+    for image in rendered:  # every image shares the prompt: keep each distinct warning once
+        warnings.extend(w for w in image.warnings if w not in warnings)
+    return build_manifest(
+        generation_id=generation_id,
+        request=params,
+        model=first.model,
+        scheduler=first.scheduler,
+        runtime=first.runtime,
+        images=[image.image for image in rendered],
+        warnings=warnings,
+        conditioning=first.conditioning,
+        received=received,
+        started=started,
+        finished=finished,
+    )
+
+
 def build_manifest(
     *,
     generation_id: str,
-    request: dict[str, Any],
+    request: GenerationParams,
     model: dict[str, Any],
     scheduler: dict[str, Any],
     runtime: dict[str, Any],
-    images: list[dict[str, Any]],
+    images: list[ManifestImage],
     warnings: list[dict[str, Any]],
     conditioning: dict[str, Any] | None = None,
     received: str,
     started: str,
     finished: str,
 ) -> Manifest:
-    """Assemble and validate a manifest from what the dispatcher and the worker recorded."""
+    """Assemble and validate a manifest from the parameters and what the worker recorded."""
     import app
 
     return Manifest(
         id=generation_id,
         service={"name": "sameseed", "version": app.__version__},
         timestamps=ManifestTimestamps(received=received, started=started, finished=finished),
-        request=ManifestRequest(**request),
+        request=request,
         scheduler=ManifestScheduler(**scheduler),
         model=ManifestModel(**model),
         runtime=ManifestRuntime(**runtime),
-        images=[ManifestImage(**image) for image in images],
+        images=images,
         warnings=[ManifestWarning(**w) for w in warnings],
         conditioning=conditioning,
     )

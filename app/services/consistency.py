@@ -1,15 +1,26 @@
-"""Golden checks per worker: plans the reference images, judges them against baselines, keeps states."""
+"""Golden checks: submits the reference images as work, judges them against baselines, owns quarantine.
+
+A golden run is an ordinary work item of priority CHECK pinned to one worker; the monitor
+starts one when a worker becomes ready, on a timer, and on demand, and decides which drifted
+workers the pool keeps out of user work.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.models.registry import Registry
+from app.params import GenerationParams
 from app.provenance.golden import Baseline, BaselineStore, GoldenCase, GoldenSuite, summarize
+from app.scheduler.dispatcher import Dispatcher
+from app.scheduler.work import Priority, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
-from app.worker.messages import ImageRendered, RenderImage
+from app.worker.messages import WorkerReady
+from app.worker.pool import COMING, SERVING, WorkerEvent, WorkerExited, WorkerHandle, WorkerState
 
 log = logging.getLogger("app.services.consistency")
 
@@ -43,20 +54,12 @@ class WorkerConsistency:
 
 @dataclass
 class GoldenRun:
-    """One run of the suite on one worker: the images to render and what came back."""
+    """One run of the suite on one worker: (case, model id) per image index, and its work item."""
 
-    id: str
     worker_id: str
-    items: list[tuple[GoldenCase, str]]  # (case, model id) per image index
-    messages: list[RenderImage]
-    results: dict[int, ImageRendered] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-    sent: int = 0
-
-    @property
-    def complete(self) -> bool:
-        """True when every image has a result or an error."""
-        return len(self.results) + len(self.errors) == len(self.items)
+    items: list[tuple[GoldenCase, str]]
+    work: Work
+    verdict: asyncio.Future[WorkerConsistency | None]
 
 
 class ConsistencyMonitor:
@@ -73,6 +76,112 @@ class ConsistencyMonitor:
         self.interval_s = interval_s
         self.quarantine_on_drift = quarantine_on_drift
         self.workers: dict[str, WorkerConsistency] = {}
+        self.dispatcher: Dispatcher | None = None
+        self._runs: dict[str, GoldenRun] = {}  # in flight, by worker id
+        self._periodic: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, dispatcher: Dispatcher) -> None:
+        """Check every worker through this dispatcher as it becomes ready; re-judge quarantine on exits."""
+        self.dispatcher = dispatcher
+        dispatcher.subscribe(self._on_worker_event)
+
+    def _on_worker_event(self, worker: WorkerHandle, event: WorkerEvent) -> None:
+        if isinstance(event, WorkerReady):
+            self.start_check(worker)
+        elif isinstance(event, WorkerExited):
+            self.apply_quarantine()  # a peer that is gone for good no longer vouches for its group
+
+    def start_periodic(self) -> None:
+        """Every `interval_s`, queue a golden run on each worker (0 turns it off)."""
+        if self.interval_s <= 0 or self._periodic is not None or self.dispatcher is None:
+            return
+
+        async def every() -> None:
+            assert self.dispatcher is not None
+            while True:
+                await asyncio.sleep(self.interval_s)
+                for worker in self.dispatcher.workers():
+                    self.start_check(worker)
+
+        self._periodic = asyncio.get_running_loop().create_task(every())
+
+    def stop(self) -> None:
+        """Stop the periodic checks."""
+        if self._periodic is not None:
+            self._periodic.cancel()
+            self._periodic = None
+
+    # ------------------------------------------------------------------ runs
+    def checks_in_flight(self) -> int:
+        """Golden runs queued or running."""
+        return len(self._runs)
+
+    def start_check(self, worker: WorkerHandle) -> asyncio.Future[WorkerConsistency | None] | None:
+        """Queue a golden run on this worker (ahead of user work); its verdict future, or None when moot."""
+        if self.dispatcher is None or worker.state not in (*SERVING, WorkerState.QUARANTINED):
+            return None
+        running = self._runs.get(worker.id)
+        if running is not None:
+            return running.verdict
+        items, images = self.plan(list(worker.models))
+        if not items:
+            return None
+        run = GoldenRun(
+            worker_id=worker.id,
+            items=items,
+            work=Work(
+                id=f"golden_{uuid.uuid4().hex}",
+                images=tuple(images),
+                priority=Priority.CHECK,
+                worker_id=worker.id,
+                all_or_nothing=False,
+                retries=0,
+                on_done=lambda work: self._judge(worker.id, work),
+            ),
+            verdict=asyncio.get_running_loop().create_future(),
+        )
+        self._runs[worker.id] = run
+        log.info("golden check queued on %s (%d images)", worker.id, len(items))
+        self.dispatcher.submit(run.work)
+        return run.verdict
+
+    async def run_checks(self, timeout_s: float) -> None:
+        """Run the golden suite on every serving or quarantined worker now and wait for the verdicts."""
+        assert self.dispatcher is not None
+        futures = [f for w in self.dispatcher.workers() if (f := self.start_check(w)) is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout_s)
+
+    def _judge(self, worker_id: str, work: Work) -> None:
+        run = self._runs.pop(worker_id, None)
+        if run is None or run.work is not work:
+            return
+        # a run cut short (its worker exited) has no verdict: a fresh one runs when the worker is back
+        record = self.record(run, utc_now()) if work.state is WorkState.SUCCEEDED else None
+        if not run.verdict.done():
+            run.verdict.set_result(record)
+        if record is not None:
+            self.apply_quarantine()
+
+    def apply_quarantine(self) -> None:
+        """Quarantine exactly the drifted workers that have a consistent, serving peer in their group."""
+        if self.dispatcher is None:
+            return
+        workers = self.dispatcher.workers()
+        states = {w.id: self.worker(w.id).state for w in workers}
+        healthy_groups = {  # a consistent peer that is restarting still counts: it serves again soon
+            w.group_key for w in workers
+            if states[w.id] in ("consistent", "baseline_recorded") and w.state in (*SERVING, *COMING)
+        }
+        for worker in workers:
+            should = self.quarantine_on_drift and states[worker.id] == "drifted" and worker.group_key in healthy_groups
+            if should and not worker.quarantined:
+                log.warning("worker %s quarantined: drifted while a peer of its group is consistent", worker.id)
+                self.dispatcher.pool.set_quarantined(worker.id, True)
+            elif not should and worker.quarantined:
+                log.info("worker %s back in rotation", worker.id)
+                self.dispatcher.pool.set_quarantined(worker.id, False)
 
     def worker(self, worker_id: str) -> WorkerConsistency:
         """The record of one worker (created unchecked)."""
@@ -81,20 +190,18 @@ class ConsistencyMonitor:
             self.metrics.set_consistency_state(worker_id, "unchecked")
         return self.workers[worker_id]
 
-    def plan(self, run_id: str, worker_id: str, loaded_models: list[str]) -> GoldenRun:
-        """The images of one suite run: every case of each loaded model's family."""
+    def plan(self, loaded_models: list[str]) -> tuple[list[tuple[GoldenCase, str]], list[GenerationParams]]:
+        """The images of one suite run: every case of each loaded model's family, with its parameters."""
         items: list[tuple[GoldenCase, str]] = []
-        messages: list[RenderImage] = []
+        images: list[GenerationParams] = []
         for model_id in sorted(loaded_models):
             entry = self.registry.get(model_id)
             if entry is None:
                 continue
             for case in self.suite.for_family(entry.family):
                 width, height = case.size(entry.defaults.width, entry.defaults.height, entry.limits.size_multiple)
-                messages.append(
-                    RenderImage(
-                        job_id=run_id,
-                        index=len(items),
+                images.append(
+                    GenerationParams(
                         model=model_id,
                         prompt=case.prompt,
                         negative_prompt=case.negative_prompt,
@@ -104,20 +211,25 @@ class ConsistencyMonitor:
                         width=width,
                         height=height,
                         sampler=case.sampler,
+                        num_images=1,
                     )
                 )
                 items.append((case, model_id))
-        return GoldenRun(id=run_id, worker_id=worker_id, items=items, messages=messages)
+        return items, images
 
     def record(self, run: GoldenRun, checked_at: str) -> WorkerConsistency:
         """Judge a complete run; a case with no baseline under its key records one."""
         record = self.worker(run.worker_id)
         cases: list[CaseResult] = []
         for index, (case, model_id) in enumerate(run.items):
-            result = run.results.get(index)
+            result = run.work.results.get(index)
             if result is None:
+                error = run.work.errors.get(index)
                 cases.append(
-                    CaseResult(case.name, model_id, None, "drifted", None, None, None, None, run.errors.get(index))
+                    CaseResult(
+                        case.name, model_id, None, "drifted", None, None, None, None,
+                        f"{error.type}: {error.message}" if error else "failed",
+                    )
                 )
                 continue
             key = result.runtime["reproducibility_key"]
@@ -126,8 +238,8 @@ class ConsistencyMonitor:
                 suite_version=self.suite.version,
                 model=model_id,
                 reproducibility_key=key,
-                latent_sha256=result.latent_sha256,
-                pixel_sha256=result.pixel_sha256,
+                latent_sha256=result.image.latent_sha256,
+                pixel_sha256=result.image.pixel_sha256,
                 recorded_at=checked_at,
                 recorded_by=run.worker_id,
             )

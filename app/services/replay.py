@@ -11,14 +11,15 @@ import numpy
 from PIL import Image
 from pydantic import ValidationError
 
-from app.api.schemas import GenerationRequest
 from app.errors import InvalidRequest, MalformedRequest, SameseedError
+from app.params import GenerationParams
 from app.provenance.drift import key_differences, latent_drift, pixel_drift
 from app.provenance.hashes import latents_from_bytes, pixel_sha256
 from app.provenance.manifest import Manifest, parse_json
 from app.provenance.png import PNG_SIGNATURE
 from app.provenance.verification import UnverifiableInput, decode_pixels, embedded_manifest, pixel_matches
-from app.scheduler.dispatcher import Disconnected, Dispatcher
+from app.scheduler.dispatcher import Disconnected
+from app.services.generation import GenerationService
 
 
 @dataclass
@@ -88,46 +89,40 @@ def _from_ledger(generation_id: str, archive: Any | None) -> ReplaySource:
     return _with_signature(source, archive)
 
 
-def _first_error(exc: ValidationError) -> tuple[str, str]:
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """Where (dotted path) and what the first validation error is."""
     first = exc.errors()[0]
     return ".".join(str(p) for p in first.get("loc", ())), str(first.get("msg"))
 
 
-def _request_of(manifest: Manifest) -> GenerationRequest:
-    """The manifest's generation parameters as a request, checked like any client's."""
-    try:
-        return GenerationRequest.model_validate(manifest.request.model_dump())
-    except ValidationError as exc:
-        where, message = _first_error(exc)
-        raise InvalidRequest(
-            f"the manifest's request cannot be replayed here: {where}: {message}",
-            param=f"manifest.request.{where}",
-        ) from None
-
-
-async def reproduce(
-    dispatcher: Dispatcher, source: ReplaySource, disconnected: Disconnected | None = None
-) -> dict[str, Any]:
-    """Regenerate the manifest's images (on a worker of its key when one exists) and judge the bits."""
-    # 1. Validate the manifest.
+def parse_manifest(source: ReplaySource) -> Manifest:
+    """The source's manifest validated as one (422 naming the first bad field)."""
     try:
         original = Manifest.model_validate(source.manifest)
     except ValidationError as exc:
-        where, message = _first_error(exc)
+        where, message = first_error(exc)
         raise InvalidRequest(f"not a valid Sameseed manifest: {where}: {message}", param="manifest") from None
-    key = original.runtime.reproducibility_key
-    model = original.request.model
     if len(original.images) != original.request.num_images:
         raise InvalidRequest(
             f"the manifest lists {len(original.images)} images but its request made {original.request.num_images}",
             param="manifest.images",
         )
-    request = _request_of(original)  # every field checked before any work is queued
+    return original
 
-    # 2. Route to the manifest's key when a worker has it; otherwise anywhere, and say so.
-    has_key = any(w.models.get(model, {}).get("reproducibility_key") == key for w in dispatcher.workers())
-    outcome = await dispatcher.generate(
-        request.model_copy(update={"reproducibility_key": key if has_key else None}), disconnected=disconnected
+
+async def reproduce(
+    generations: GenerationService,
+    source: ReplaySource,
+    original: Manifest,
+    params: GenerationParams,
+    disconnected: Disconnected | None = None,
+) -> dict[str, Any]:
+    """Regenerate the manifest's images (on a worker of its key when one exists) and judge the bits."""
+    # 1. Route to the manifest's key when a worker has it; otherwise anywhere, and say so.
+    key = original.runtime.reproducibility_key
+    has_key = generations.has_key(params.model, key)
+    outcome = await generations.generate(
+        params, reproducibility_key=key if has_key else None, disconnected=disconnected
     )
     replay = outcome.manifest.model_dump(mode="json")
     notes: list[str] = []
@@ -137,9 +132,10 @@ async def reproduce(
             f"{outcome.manifest.runtime.reproducibility_key}, where bitwise equality is not promised"
         )
 
-    # 3. Compare every image: hashes, then drift where the original pixels or latents are at hand.
+    # 2. Compare every image: hashes, then drift where the original pixels or latents are at hand.
     images = []
-    for expected, got in zip(original.images, outcome.images, strict=True):
+    for expected, rendered in zip(original.images, outcome.images, strict=True):
+        got = rendered.image
         entry: dict[str, Any] = {
             "index": expected.index,
             "seed": expected.seed,
@@ -153,9 +149,9 @@ async def reproduce(
             "pixel_drift": None,
         }
         if expected.index in source.pixels:
-            replay_pixels = await asyncio.to_thread(_decode, got.png)
+            replay_pixels = await asyncio.to_thread(_decode, rendered.png)
             entry["pixel_drift"] = pixel_drift(source.pixels[expected.index], replay_pixels).to_json()
-        replay_latents = latents_from_bytes(got.latents, got.latent_shape)
+        replay_latents = latents_from_bytes(rendered.latents, rendered.latent_shape)
         if expected.index in source.latents and replay_latents is not None:
             entry["latent_drift"] = latent_drift(source.latents[expected.index], replay_latents).to_json()
         images.append(entry)

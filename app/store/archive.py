@@ -142,13 +142,8 @@ class Archive:
                     key_id=self.keys.signer.key_id,
                     images=tuple(
                         ImageRow(
+                            **image.hash_fields(),
                             generation_id=signed.id,
-                            index=image.index,
-                            seed=image.seed,
-                            latent_sha256=image.latent_sha256,
-                            pixel_sha256=image.pixel_sha256,
-                            width=image.width,
-                            height=image.height,
                             path=self.store.relative(path),
                             bytes=len(png),
                         )

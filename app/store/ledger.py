@@ -15,6 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from app.params import STRICT, ImageHashes
+
 # Append only: a migration, once released, never changes. Index i brings the schema to version i + 1.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -73,17 +77,11 @@ class GenerationStatus(enum.StrEnum):
     PRUNED = "pruned"
 
 
-@dataclass(frozen=True)
-class ImageRow:
-    """One image of a generation as the ledger keeps it."""
+@pydantic_dataclass(frozen=True, config=STRICT)
+class ImageRow(ImageHashes):
+    """One image of a generation as the ledger keeps it: its hashes, and its file."""
 
     generation_id: str
-    index: int
-    seed: int
-    latent_sha256: str
-    pixel_sha256: str
-    width: int
-    height: int
     path: str
     bytes: int
 
@@ -301,7 +299,13 @@ class Ledger:
         for image in conn.execute(
             f"SELECT {_IMAGE_COLUMNS} FROM images WHERE generation_id IN ({marks}) ORDER BY generation_id, idx", ids
         ):
-            images[image[0]].append(ImageRow(*image))
+            gid, index, seed, latent, pixel, width, height, path, size = image
+            images[gid].append(
+                ImageRow(
+                    index=index, seed=seed, latent_sha256=latent, pixel_sha256=pixel, width=width, height=height,
+                    generation_id=gid, path=path, bytes=size,
+                )
+            )
         return [
             GenerationRow(
                 seq=row[0],

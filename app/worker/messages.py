@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.params import GenerationParams
+from app.provenance.manifest import ManifestImage
+
 # ---------------------------------------------------------------- configuration (parent -> child)
 
 
@@ -22,6 +25,7 @@ class WorkerConfig:
     preload: tuple[str, ...]
     allow_download: bool
     log_level: str = "info"
+    engine: str = "app.worker.engine:DiffusersEngine"  # module:class; tests name fixture engines
     image: dict[str, str] | None = None  # the container image (version, revision, base): runtime.image, not keyed
 
 
@@ -30,19 +34,11 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class RenderImage:
-    """Generate image `index` of job `job_id` at batch size 1 with `seed`."""
+    """Generate image `index` of job `job_id` at batch size 1 with `params` (that image's own seed)."""
 
     job_id: str
     index: int
-    model: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    sampler: str
+    params: GenerationParams
 
 
 @dataclass(frozen=True)
@@ -81,21 +77,14 @@ class ImageRendered:
     """One finished image with its hashes, PNG bytes and the identity of what made it."""
 
     job_id: str
-    index: int
-    worker_id: str
-    seed: int
-    latent_sha256: str
-    pixel_sha256: str
+    image: ManifestImage  # index, seed, size, hashes, worker, VAE guard verdict
     png: bytes
-    width: int
-    height: int
     seconds: float
     model: dict[str, Any]
     scheduler: dict[str, Any]
     runtime: dict[str, Any]
     warnings: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     model_loaded: dict[str, Any] | None = None
-    vae_upcast: bool = False  # NaN/Inf from the VAE's dtype: these pixels were decoded again in float32
     conditioning: dict[str, Any] | None = None  # SDXL size/crop micro-conditioning, as passed
     latents: bytes = b""  # final latents, float32 C-order (sha256 of these bytes == latent_sha256)
     latent_shape: tuple[int, ...] = ()

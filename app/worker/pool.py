@@ -1,4 +1,8 @@
-"""The pool supervisor (server side): spawns worker processes, relays their events, restarts the dead."""
+"""The worker pool (server side): sole owner of every worker's state and in-flight image; spawns, watches, restarts.
+
+Other layers read a `WorkerHandle` and ask the pool to act (`assign`, `set_quarantined`, `stop`);
+only this module changes a handle.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.settings import Settings
-from app.worker.messages import FromWorker, ToWorker, WorkerConfig, WorkerFailed, WorkerReady
+from app.worker.messages import (
+    FromWorker,
+    ImageFailed,
+    ImageRendered,
+    RenderImage,
+    ToWorker,
+    WorkerConfig,
+    WorkerFailed,
+    WorkerReady,
+)
 
 log = logging.getLogger("app.pool")
 
@@ -44,9 +57,17 @@ class WorkerExited:
     exitcode: int | None
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """The image a worker is rendering: the message it was sent, and when (monotonic seconds)."""
+
+    message: RenderImage
+    started: float
+
+
 @dataclass
 class WorkerHandle:
-    """Server-side view of one worker process."""
+    """Server-side view of one worker process; changed by the pool only."""
 
     config: WorkerConfig
     state: WorkerState = WorkerState.STARTING
@@ -62,7 +83,10 @@ class WorkerHandle:
     crashes_in_row: int = 0
     started_at: float = 0.0
     ready_seconds: float | None = None
-    current: Any = None  # the task in flight, owned by the dispatcher
+    in_flight: InFlight | None = None
+    quarantined: bool = False  # kept out of user work (drifted while a peer of its group is consistent)
+    busy_s: float = 0.0  # seconds spent rendering, for least-busy routing
+    start_timed_out: bool = False
 
     @property
     def id(self) -> str:
@@ -130,18 +154,29 @@ def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]
     ]
 
 
-EventSink = Callable[[WorkerHandle, "FromWorker | WorkerExited"], None]
+WorkerEvent = FromWorker | WorkerExited
+EventSink = Callable[[WorkerHandle, WorkerEvent, InFlight | None], None]
+SERVING = (WorkerState.READY, WorkerState.BUSY)
+COMING = (WorkerState.STARTING, WorkerState.RESTARTING)
+IDLE = (WorkerState.READY, WorkerState.QUARANTINED)
 
 
 class WorkerPool:
-    """Owns the worker processes; hands every event to `sink` on the event loop's thread."""
+    """Owns the worker processes and their state; hands every event, with the image it ended, to `sink`.
 
-    def __init__(self, configs: list[WorkerConfig], sink: EventSink | None = None) -> None:
+    A worker that is still `starting` after `start_timeout_s` is killed and restarted (with the
+    crash backoff), its `last_error` saying why.
+    """
+
+    def __init__(
+        self, configs: list[WorkerConfig], sink: EventSink | None = None, *, start_timeout_s: float = 300.0
+    ) -> None:
         self._ctx = multiprocessing.get_context("spawn")
         self.workers = {c.worker_id: WorkerHandle(config=c) for c in configs}
         self._sink = sink
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self.start_timeout_s = start_timeout_s
 
     def launch(self) -> WorkerPool:
         """Spawn every worker process now, before there is an event loop (their torch import then
@@ -171,6 +206,42 @@ class WorkerPool:
                 handle.process.kill()
                 handle.process.join(timeout=5)
 
+    # ------------------------------------------------------------------ what others may read or ask
+    def handles(self) -> list[WorkerHandle]:
+        """Every worker handle, in id order (read-only for callers)."""
+        return sorted(self.workers.values(), key=lambda w: w.id)
+
+    def idle(self) -> list[WorkerHandle]:
+        """Workers that can take an image now (quarantined ones take only work pinned to them), least busy first."""
+        return sorted((w for w in self.workers.values() if w.state in IDLE), key=lambda w: (w.busy_s, w.id))
+
+    def assign(self, worker_id: str, message: RenderImage) -> bool:
+        """Send one image to an idle worker, which becomes busy with it; False when it cannot be delivered."""
+        handle = self.workers[worker_id]
+        if handle.state not in IDLE:
+            raise RuntimeError(f"worker {worker_id} is {handle.state.value}, not idle")
+        handle.state, handle.in_flight = WorkerState.BUSY, InFlight(message, time.monotonic())
+        if self._transmit(handle, message):
+            return True
+        handle.in_flight = None  # stays busy: the exit event follows and restarts it
+        return False
+
+    def set_quarantined(self, worker_id: str, quarantined: bool) -> None:
+        """Keep a worker out of user work (or bring it back); a busy worker changes when its image ends."""
+        handle = self.workers[worker_id]
+        handle.quarantined = quarantined
+        if handle.state in IDLE:
+            handle.state = WorkerState.QUARANTINED if quarantined else WorkerState.READY
+
+    def _release(self, handle: WorkerHandle) -> InFlight | None:
+        finished, handle.in_flight = handle.in_flight, None
+        if handle.state is WorkerState.BUSY:
+            handle.state = WorkerState.QUARANTINED if handle.quarantined else WorkerState.READY
+        if finished is not None:
+            handle.busy_s += time.monotonic() - finished.started
+        return finished
+
+    # ------------------------------------------------------------------ processes
     def _spawn(self, handle: WorkerHandle) -> None:
         self._launch(handle)
         self._watch(handle)
@@ -185,12 +256,33 @@ class WorkerPool:
         process.start()
         child_conn.close()  # so the parent sees EOF the moment the child dies
         handle.process, handle.conn, handle.pid = process, parent_conn, process.pid
-        handle.state, handle.started_at = WorkerState.STARTING, time.monotonic()
-        handle.runtime, handle.models, handle.group_key = {}, {}, None
+        self._starting(handle)
         log.info("worker %s starting (pid %s, device %s)", handle.id, process.pid, handle.config.device)
+
+    def _starting(self, handle: WorkerHandle) -> None:
+        handle.state, handle.started_at, handle.start_timed_out = WorkerState.STARTING, time.monotonic(), False
+        handle.runtime, handle.models, handle.group_key, handle.in_flight = {}, {}, None, None
 
     def _watch(self, handle: WorkerHandle) -> None:
         threading.Thread(target=self._read, args=(handle, handle.conn, handle.process), daemon=True).start()
+        self._arm_start_timeout(handle)
+
+    def _arm_start_timeout(self, handle: WorkerHandle) -> None:
+        assert self._loop is not None
+        left = max(0.0, handle.started_at + self.start_timeout_s - time.monotonic())
+        self._loop.call_later(left, self._check_started, handle, handle.process)
+
+    def _check_started(self, handle: WorkerHandle, process: Any) -> None:
+        if process is not handle.process or handle.state is not WorkerState.STARTING or self._closing:
+            return
+        handle.start_timed_out = True
+        log.error("worker %s did not become ready within %gs; killing it", handle.id, self.start_timeout_s)
+        self._kill(handle)
+
+    def _kill(self, handle: WorkerHandle) -> None:
+        """Kill the worker process now; its reader thread then reports the exit."""
+        if handle.process is not None and handle.process.is_alive():
+            handle.process.kill()
 
     def _read(self, handle: WorkerHandle, conn: Any, process: Any) -> None:
         """Reader thread: forward every message; on EOF, wait for the exit code and report it."""
@@ -204,11 +296,19 @@ class WorkerPool:
         process.join(timeout=5)
         self._loop.call_soon_threadsafe(self._deliver, handle, process, WorkerExited(handle.id, process.exitcode))
 
-    def _deliver(self, handle: WorkerHandle, process: Any, event: FromWorker | WorkerExited) -> None:
+    def _deliver(self, handle: WorkerHandle, process: Any, event: WorkerEvent) -> None:
         if process is not handle.process:
             return  # from an earlier incarnation
-        if isinstance(event, WorkerReady):
-            handle.state, handle.runtime, handle.group_key = WorkerState.READY, event.runtime, event.group_key
+        finished: InFlight | None = None
+        if isinstance(event, ImageRendered | ImageFailed):
+            finished = self._release(handle)
+            if isinstance(event, ImageRendered):
+                handle.jobs_done += 1
+                if event.model_loaded:
+                    handle.models[event.model_loaded["model"]] = event.model_loaded
+        elif isinstance(event, WorkerReady):
+            handle.state = WorkerState.QUARANTINED if handle.quarantined else WorkerState.READY
+            handle.runtime, handle.group_key = event.runtime, event.group_key
             handle.models, handle.pid = dict(event.models), event.pid
             handle.ready_seconds = round(time.monotonic() - handle.started_at, 3)
             log.info("worker %s ready in %.2fs (group %s)", handle.id, handle.ready_seconds, event.group_key)
@@ -216,12 +316,14 @@ class WorkerPool:
             handle.state, handle.last_error = WorkerState.FAILED, f"{event.error_type}: {event.message}"
             log.error("worker %s failed to start: %s", handle.id, handle.last_error)
         elif isinstance(event, WorkerExited):
+            finished = self._release(handle)
             self._on_exit(handle, event)
         if self._sink is not None:
-            self._sink(handle, event)
+            self._sink(handle, event, finished)
 
     def _on_exit(self, handle: WorkerHandle, event: WorkerExited) -> None:
-        handle.conn.close()
+        if handle.conn is not None:
+            handle.conn.close()
         if self._closing or handle.state is WorkerState.STOPPED:
             handle.state = WorkerState.STOPPED
             return
@@ -229,8 +331,13 @@ class WorkerPool:
             return  # a start failure is deterministic (bad model, bad device): do not loop on it
         uptime = time.monotonic() - handle.started_at
         handle.crashes_in_row = 1 if uptime > STABLE_AFTER_S else handle.crashes_in_row + 1
-        handle.last_error = f"worker process exited with code {event.exitcode}"
-        log.error("worker %s died (exit code %s)", handle.id, event.exitcode)
+        if handle.start_timed_out:
+            handle.last_error = (
+                f"did not become ready within {self.start_timeout_s:g}s (SAMESEED_WORKER_START_TIMEOUT_S)"
+            )
+        else:
+            handle.last_error = f"worker process exited with code {event.exitcode}"
+        log.error("worker %s died (%s)", handle.id, handle.last_error)
         if handle.crashes_in_row > MAX_RAPID_CRASHES:
             handle.state = WorkerState.FAILED
             handle.last_error += f"; gave up after {MAX_RAPID_CRASHES} rapid restarts"
@@ -246,8 +353,8 @@ class WorkerPool:
         handle.restarts += 1
         self._spawn(handle)
 
-    def send(self, handle: WorkerHandle, message: ToWorker) -> bool:
-        """Send a message to a worker; False when its pipe is already broken."""
+    def _transmit(self, handle: WorkerHandle, message: ToWorker) -> bool:
+        """Send a message down a worker's pipe; False when the pipe is already broken."""
         try:
             handle.conn.send(message)
             return True
@@ -261,7 +368,7 @@ class WorkerPool:
         self._closing = True
         for handle in self.workers.values():
             if handle.process is not None and handle.process.is_alive():
-                self.send(handle, Shutdown())
+                self._transmit(handle, Shutdown())
         deadline = time.monotonic() + timeout_s
         for handle in self.workers.values():
             process = handle.process

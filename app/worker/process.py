@@ -1,4 +1,4 @@
-"""The worker process: configures torch, loads pipelines once, renders one image at a time.
+"""The worker process loop: starts its engine, reports ready or failed, renders one image at a time.
 
 All torch work stays on this process's main thread (DESIGN.md: moving it to another thread
 halves the speed on 2 cores).
@@ -15,9 +15,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.errors import SameseedError
+from app.worker.engine import Engine, load_engine
 from app.worker.messages import (
     ImageFailed,
-    ImageRendered,
     RenderImage,
     Shutdown,
     WorkerConfig,
@@ -26,101 +26,6 @@ from app.worker.messages import (
 )
 
 log = logging.getLogger("app.worker")
-
-
-class Engine:
-    """Owns this worker's loaded models (loaded once, kept) and renders images with them."""
-
-    def __init__(self, config: WorkerConfig) -> None:
-        from app.models.registry import load_registry
-        from app.pipeline.determinism import configure_torch, runtime_fingerprint
-        from app.pipeline.loader import quiet_libraries
-
-        configure_torch(config.device, config.cpu_threads, config.cpu_mkldnn)
-        quiet_libraries()
-        self.config = config
-        self.registry = load_registry(config.registry_path)
-        self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
-        self.models: dict[str, Any] = {}
-        self.model_keys: dict[str, dict[str, Any]] = {}
-
-    def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
-        """The loaded model, loading it now if needed; the second item describes a fresh load."""
-        if model_id in self.models:
-            return self.models[model_id], None
-        from app.errors import ModelNotFound
-        from app.pipeline.determinism import torch_device
-        from app.pipeline.loader import load_model, resolve_paths
-        from app.provenance.key import reproducibility_key
-
-        entry = self.registry.get(model_id)
-        if entry is None:
-            raise ModelNotFound(f"model {model_id!r} is not in this worker's registry", param="model")
-        started = time.perf_counter()
-        paths = resolve_paths(entry, self.registry, self.config.data_dir, self.config.allow_download)
-        loaded = load_model(entry, paths, torch_device(self.config.device))
-        identity = loaded.identity()
-        key = reproducibility_key(
-            files=identity["files"], pipeline=identity["pipeline"], dtype=identity["dtype"], runtime=self.runtime
-        )
-        self.models[model_id] = loaded
-        self.model_keys[model_id] = {
-            "reproducibility_key": key,
-            "load_seconds": round(time.perf_counter() - started, 3),
-        }
-        log.info("loaded model %s from %s in %.2fs", model_id, paths, time.perf_counter() - started)
-        return loaded, {"model": model_id, **self.model_keys[model_id]}
-
-    def render(self, job: RenderImage) -> ImageRendered:
-        """Render one image of a job and describe it for the manifest."""
-        from app.pipeline.generate import ImageParams, render_image
-        from app.provenance.key import KEY_RUNTIME_FIELDS
-
-        loaded, fresh = self.model(job.model)
-        params = ImageParams(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            seed=job.seed,
-            steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            width=job.width,
-            height=job.height,
-            sampler=job.sampler,
-        )
-        result = render_image(loaded, params)
-        runtime = {
-            **{k: v for k, v in self.runtime.items() if k != "pid"},
-            "reproducibility_key": self.model_keys[job.model]["reproducibility_key"],
-            "key_fields": [
-                *KEY_RUNTIME_FIELDS,
-                "versions.torch",
-                "versions.diffusers",
-                "versions.transformers",
-                "versions.cuda",
-                "versions.cudnn",
-            ],
-        }
-        return ImageRendered(
-            job_id=job.job_id,
-            index=job.index,
-            worker_id=self.config.worker_id,
-            seed=job.seed,
-            latent_sha256=result.latent_sha256,
-            pixel_sha256=result.pixel_sha256,
-            png=result.png,
-            width=result.image.width,
-            height=result.image.height,
-            seconds=result.seconds,
-            model=loaded.identity(),
-            scheduler=result.scheduler,
-            runtime=runtime,
-            warnings=tuple(result.warnings),
-            model_loaded=fresh,
-            vae_upcast=result.vae_upcast,
-            conditioning=result.conditioning,
-            latents=result.latents,
-            latent_shape=result.latent_shape,
-        )
 
 
 def _setup_logging(config: WorkerConfig) -> None:
@@ -141,7 +46,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     _setup_logging(config)
     started = time.perf_counter()
     try:
-        engine = Engine(config)
+        engine = load_engine(config)
         for model_id in config.preload:
             engine.model(model_id)
     except SameseedError as exc:
@@ -161,7 +66,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             load_seconds=round(time.perf_counter() - started, 3),
         )
     )
-    serve(engine, conn)
+    serve(engine, conn, config.worker_id)
 
 
 def _group_key(runtime: dict[str, Any]) -> str:
@@ -170,7 +75,7 @@ def _group_key(runtime: dict[str, Any]) -> str:
     return runtime_group_key(runtime)
 
 
-def serve(engine: Engine, conn: Connection) -> None:
+def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
     """Answer RenderImage messages until Shutdown or the parent goes away; job errors are data."""
     while True:
         try:
@@ -188,18 +93,22 @@ def serve(engine: Engine, conn: Connection) -> None:
                 "image %d rendered in %.3fs",
                 message.index,
                 reply.seconds,
-                extra={"generation_id": message.job_id, "seed": message.seed, "latent_sha256": reply.latent_sha256},
+                extra={
+                    "generation_id": message.job_id,
+                    "seed": message.params.seed,
+                    "latent_sha256": reply.image.latent_sha256,
+                },
             )
         except SameseedError as exc:
             reply = ImageFailed(
-                message.job_id, message.index, engine.config.worker_id, exc.type, exc.message, exc.param
+                message.job_id, message.index, worker_id, exc.type, exc.message, exc.param
             )
         except Exception as exc:  # recoverable: report it, keep serving
             log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
             reply = ImageFailed(
                 message.job_id,
                 message.index,
-                engine.config.worker_id,
+                worker_id,
                 "generation_failed",
                 f"the pipeline raised {type(exc).__name__}: {exc}",
             )

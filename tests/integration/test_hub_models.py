@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
 from tests.integration.conftest import ROOT
+from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
 
 
 def healthcheck(port: int) -> int:

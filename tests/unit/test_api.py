@@ -7,13 +7,13 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.fakes import FakePool
+from tests.support.fakes import FakePool
 
 
 @pytest.fixture()
 def client(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True))
+    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
     with TestClient(application) as test_client:
         yield test_client
 
@@ -124,7 +124,7 @@ def test_health_ready_models_samplers(client):
 
 def test_readyz_is_503_while_no_worker_is_ready(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="cpu:2")
-    application = create_app(settings, pool_factory=lambda configs, sink: FakePool(configs, sink))
+    application = create_app(settings, pool_factory=lambda configs: FakePool(configs))
     with TestClient(application) as client:
         response = client.get("/readyz")
         assert response.status_code == 503

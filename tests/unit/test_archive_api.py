@@ -14,13 +14,13 @@ from PIL import Image
 from app.main import create_app
 from app.provenance.png import MANIFEST_KEYWORD, embed_texts, read_texts
 from app.settings import Settings
-from tests.fakes import FakePool
+from tests.support.fakes import FakePool
 
 
 def make_client(tmp_path, **settings):
     application = create_app(
         Settings(data_dir=tmp_path, workers="cpu:1", **settings),
-        pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True),
+        pool_factory=lambda configs: FakePool(configs, auto=True),
     )
     return TestClient(application)
 

@@ -1,8 +1,10 @@
+"""The dispatcher, the generation service and the golden-check monitor over a pool you drive by hand."""
+
 import asyncio
 
 import pytest
 
-from app.api.schemas import MAX_SEED, GenerationRequest
+from app.api.schemas import GenerationRequest
 from app.errors import (
     ClientDisconnected,
     GenerationFailed,
@@ -14,32 +16,55 @@ from app.errors import (
     QueueFull,
     WorkerLost,
 )
+from app.params import MAX_SEED
 from app.provenance.golden import BaselineStore, load_suite
-from app.scheduler.dispatcher import Dispatcher, resolve_request
+from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
+from app.services.generation import GenerationService, resolve_params
 from app.telemetry.metrics import Metrics
 from app.worker.messages import RenderImage, WorkerConfig
-from app.worker.pool import WorkerExited, WorkerState
-from tests.fakes import FAKE_KEY, FakePool
+from app.worker.pool import WorkerState
+from tests.support.fakes import FAKE_KEY, FakePool
 
 
 def req(**fields):
     return GenerationRequest.model_validate({"prompt": "a cat", **fields})
 
 
+def resolve_request(registry, default_model, request):
+    return resolve_params(registry, default_model, **request.param_fields())
+
+
 def configs(n):
     return [WorkerConfig(f"w{i}", "cpu", 1, True, "registry.yaml", "data", ("sameseed-tiny",), False) for i in range(n)]
 
 
-def make(registry, workers=1, *, max_queue=4, timeout=5.0, consistency=None):
-    dispatcher = Dispatcher(
-        registry=registry, default_model="sameseed-tiny", max_queue=max_queue, job_timeout_s=timeout,
-        consistency=consistency,
-    )
-    pool = FakePool(configs(workers), dispatcher.on_event)
-    dispatcher.attach(pool)
-    pool.start()
-    return dispatcher, pool
+class Harness:
+    """A generation service over a real dispatcher and a FakePool; `generate` takes request fields."""
+
+    def __init__(self, registry, workers=1, *, max_queue=4, timeout=5.0, consistency=None, start_timeout_s=300.0):
+        self.pool = FakePool(configs(workers), start_timeout_s=start_timeout_s)
+        self.dispatcher = Dispatcher(pool=self.pool, max_queue=max_queue, job_timeout_s=timeout)
+        self.monitor = consistency
+        if consistency is not None:
+            consistency.attach(self.dispatcher)
+        self.service = GenerationService(registry=registry, default_model="sameseed-tiny", dispatcher=self.dispatcher)
+        self.metrics = self.dispatcher.metrics
+        self.dispatcher.start()
+
+    async def generate(self, request, *, disconnected=None):
+        params = self.service.resolve(**request.param_fields())
+        return await self.service.generate(
+            params, reproducibility_key=request.reproducibility_key, disconnected=disconnected
+        )
+
+    def __getattr__(self, name):  # draining, ready(), waiting_jobs(), drain() ... of the dispatcher
+        return getattr(self.dispatcher, name)
+
+
+def make(registry, workers=1, **options):
+    harness = Harness(registry, workers, **options)
+    return harness, harness.pool
 
 
 async def until(predicate, timeout=2.0):
@@ -115,13 +140,13 @@ def test_images_use_seed_plus_k_and_come_back_in_order(registry):
         task = asyncio.create_task(dispatcher.generate(req(seed=10, num_images=3)))
         await until(lambda: len(renders(pool)) == 2)
         first, second = renders(pool)
-        assert {first.seed, second.seed} == {10, 11}
+        assert {first.params.seed, second.params.seed} == {10, 11}
         pool.answer("w1", second)  # finish out of order
         await until(lambda: len(renders(pool)) == 3)
         pool.answer("w0", first)
         pool.answer("w1", renders(pool)[2])
         outcome = await task
-        assert [(i.index, i.seed) for i in outcome.images] == [(0, 10), (1, 11), (2, 12)]
+        assert [(i.image.index, i.image.seed) for i in outcome.images] == [(0, 10), (1, 11), (2, 12)]
         assert [i.seed for i in outcome.manifest.images] == [10, 11, 12]
         assert outcome.manifest.request.steps == 20 and outcome.manifest.request.num_images == 3
 
@@ -171,7 +196,7 @@ def test_dead_worker_image_is_retried_once_then_fails_503(registry):
         pool.die("w0")
         pool.ready("w0")  # restarted
         await until(lambda: len(renders(pool)) == 2)
-        assert renders(pool)[1].seed == 5
+        assert renders(pool)[1].params.seed == 5
         pool.die("w0")
         with pytest.raises(WorkerLost):
             await task
@@ -189,7 +214,7 @@ def test_retry_after_death_gives_the_result(registry):
         pool.ready("w0")
         await until(lambda: len(renders(pool)) == 2)
         pool.answer("w0", renders(pool)[1])
-        assert (await task).images[0].seed == 5
+        assert (await task).images[0].image.seed == 5
 
     asyncio.run(scenario())
 
@@ -207,7 +232,7 @@ def test_job_error_is_reported_and_the_worker_keeps_serving(registry):
         task = asyncio.create_task(dispatcher.generate(req(seed=6)))
         await until(lambda: len(renders(pool)) == 2)
         pool.answer("w0", renders(pool)[1])
-        assert (await task).images[0].seed == 6
+        assert (await task).images[0].image.seed == 6
 
     asyncio.run(scenario())
 
@@ -226,8 +251,7 @@ def test_deadline_answers_timeout_and_drops_the_unstarted_job(registry):
 def test_no_usable_worker_is_503_with_the_reason(registry):
     async def scenario():
         dispatcher, pool = make(registry)
-        handle = pool.workers["w0"]
-        handle.state, handle.last_error = WorkerState.FAILED, "model_unavailable: sha256 mismatch"
+        pool.fail_start("w0", "sha256 mismatch")
         with pytest.raises(NotReady, match="sha256 mismatch"):
             await dispatcher.generate(req(seed=1))
 
@@ -249,7 +273,7 @@ def test_drain_refuses_new_work_and_lets_admitted_jobs_finish(registry):
         with pytest.raises(NotReady, match="draining"):
             await dispatcher.generate(req(seed=2))
         pool.answer("w0", renders(pool)[0])
-        assert (await task).images[0].seed == 1
+        assert (await task).images[0].image.seed == 1
         assert await drain == 0
 
     asyncio.run(scenario())
@@ -291,10 +315,8 @@ def test_a_disconnected_client_frees_its_place_in_the_queue(registry):
 def test_a_request_naming_an_unknown_key_is_409_listing_the_known_ones(registry):
     async def scenario():
         dispatcher, pool = make(registry, workers=2)
-        pool.ready("w0", group_key="A")
-        pool.ready("w1", group_key="B")
-        pool.workers["w0"].models = {"sameseed-tiny": {"reproducibility_key": "rk1-" + "a" * 64}}
-        pool.workers["w1"].models = {"sameseed-tiny": {"reproducibility_key": "rk1-" + "b" * 64}}
+        pool.ready("w0", group_key="A", models={"sameseed-tiny": {"reproducibility_key": "rk1-" + "a" * 64}})
+        pool.ready("w1", group_key="B", models={"sameseed-tiny": {"reproducibility_key": "rk1-" + "b" * 64}})
         with pytest.raises(KeyUnavailable, match="rk1-aaaa"):
             await dispatcher.generate(req(seed=1, reproducibility_key="rk1-" + "c" * 64))
         task = asyncio.create_task(dispatcher.generate(req(seed=1, reproducibility_key="rk1-" + "b" * 64)))
@@ -311,7 +333,7 @@ def test_least_busy_idle_worker_gets_the_next_image(registry):
         dispatcher, pool = make(registry, workers=2)
         pool.ready("w0")
         pool.ready("w1")
-        dispatcher._busy_s = {"w0": 10.0, "w1": 1.0}
+        pool.workers["w0"].busy_s, pool.workers["w1"].busy_s = 10.0, 1.0  # as if w0 had rendered more
         task = asyncio.create_task(dispatcher.generate(req(seed=1)))
         await until(lambda: len(renders(pool)) == 1)
         assert pool.sent[0][0] == "w1"
@@ -404,7 +426,7 @@ def test_a_drifted_worker_is_quarantined_while_a_peer_is_consistent_and_returns_
             pool.answer("w0", pool.sent[-1][1])
         await asyncio.gather(*tasks)
         assert {w for w, _ in pool.sent[before:]} == {"w0"}  # nothing reached the quarantined worker
-        dispatcher.start_check(pool.workers["w1"])
+        monitor.start_check(pool.workers["w1"])
         await answer_golden(pool, "w1")
         assert monitor.worker("w1").state == "consistent"
         assert pool.workers["w1"].state is WorkerState.READY
@@ -418,7 +440,7 @@ def test_a_lone_drifted_worker_stays_in_rotation_visibly_drifted(registry, tmp_p
         dispatcher, pool = make(registry, consistency=monitor)
         pool.ready("w0", models=MODELS)
         await answer_golden(pool, "w0")
-        dispatcher.start_check(pool.workers["w0"])
+        monitor.start_check(pool.workers["w0"])
         await answer_golden(pool, "w0", salt="driver update")
         assert monitor.worker("w0").state == "drifted"
         assert pool.workers["w0"].state is WorkerState.READY
@@ -438,13 +460,14 @@ def test_a_quarantined_worker_returns_to_rotation_when_its_consistent_peer_fails
         assert pool.workers["w1"].state is WorkerState.QUARANTINED
         pool.die("w0")  # restarting: w1 stays out of rotation, the peer is coming back
         assert pool.workers["w1"].state is WorkerState.QUARANTINED
-        pool.workers["w0"].state = WorkerState.FAILED  # e.g. gave up after rapid crashes
-        pool.sink(pool.workers["w0"], WorkerExited("w0", -9))
+        pool.ready("w0", models=MODELS)
+        await answer_golden(pool, "w0")
+        pool.give_up("w0")  # crashed too often in a row: failed for good
         assert pool.workers["w1"].state is WorkerState.READY  # was: quarantined for good, every job hung to 504
         task = asyncio.create_task(dispatcher.generate(req(seed=1)))
         await until(lambda: renders(pool) and renders(pool)[-1].job_id.startswith("gen_"))
         pool.answer("w1", renders(pool)[-1])
-        assert (await task).images[0].worker_id == "w1"
+        assert (await task).images[0].image.worker_id == "w1"
 
     asyncio.run(scenario())
 
@@ -457,9 +480,7 @@ def test_a_job_whose_group_fails_for_good_is_503_while_another_group_serves(regi
         task = asyncio.create_task(dispatcher.generate(req(seed=1, num_images=2)))
         await until(lambda: len(renders(pool)) == 1)
         (worker_id, _), = pool.sent
-        handle = pool.workers[worker_id]
-        handle.state, handle.last_error = WorkerState.FAILED, "gave up after 5 rapid restarts"
-        pool.sink(handle, WorkerExited(worker_id, -9))
+        pool.give_up(worker_id)
         with pytest.raises((NotReady, WorkerLost), match="gave up|died"):
             await asyncio.wait_for(task, timeout=2)
 

@@ -25,7 +25,7 @@ from app.provenance.hashes import pixel_sha256
 from app.provenance.key import KEY_RUNTIME_FIELDS, reproducibility_key
 from app.provenance.manifest import build_manifest
 from app.provenance.png import embed_provenance
-from tests.fakes import RUNTIME
+from tests.support.fakes import RUNTIME
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"unet/diffusion_pytorch_model.safetensors": "a" * 64, "vae/diffusion_pytorch_model.safetensors": "b" * 64}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy
@@ -12,16 +13,17 @@ import torch
 from app.errors import ModelUnavailable
 from app.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, original_unet_key, write_sd1_checkpoint
 from app.models.registry import EMBEDDED_CONFIGS, RegistryError, load_registry
+from app.params import GenerationParams
 from app.pipeline.families import FAMILIES
-from app.pipeline.generate import ImageParams, decode_latents, render_image, token_warnings
+from app.pipeline.generate import decode_latents, render_image, token_warnings
 from app.pipeline.loader import load_model, resolve_paths, verify_files
 from app.provenance.hashes import file_sha256
 from app.provenance.key import reproducibility_key
-from tests.fakes import RUNTIME
-from tests.model_variants import TINY, TINY_XL, write_hot_vae, write_single_file
+from tests.support.fakes import RUNTIME
+from tests.support.model_variants import TINY, TINY_XL, write_hot_vae, write_single_file
 
-CAT = ImageParams("a photo of a cat", "", 7, 10, 7.5, 64, 64, "pndm")
-XL_CAT = ImageParams("a photo of a cat", "", 7, 10, 5.0, 64, 64, "euler")
+CAT = GenerationParams("sameseed-tiny", "a photo of a cat", "", 7, 10, 7.5, 64, 64, "pndm", 1)
+XL_CAT = GenerationParams("sameseed-tiny-xl", "a photo of a cat", "", 7, 10, 5.0, 64, 64, "euler", 1)
 
 VARIANTS = """
 version: 1
@@ -172,7 +174,7 @@ def test_sdxl_records_size_and_crop_conditioning_and_repeats(models):
         "negative_target_size": [64, 64],
         "zero_negative_prompt": True,
     }
-    negative = render_image(model, ImageParams(**{**vars(XL_CAT), "negative_prompt": "blurry"}))
+    negative = render_image(model, replace(XL_CAT, negative_prompt="blurry"))
     assert negative.conditioning["zero_negative_prompt"] is False
     assert negative.latent_sha256 != a.latent_sha256
 
@@ -190,7 +192,7 @@ def test_sdxl_conditioning_is_uncropped_at_the_image_size_and_sd1_has_none():
 
 def test_sdxl_truncation_is_warned_once_for_its_two_tokenizers(models):
     model = models("xl32")
-    params = ImageParams(**{**vars(XL_CAT), "prompt": " ".join(["cat"] * 90) + " zebra"})
+    params = replace(XL_CAT, prompt=" ".join(["cat"] * 90) + " zebra")
     (warning,) = token_warnings(model, params)
     assert warning["code"] == "prompt_truncated" and "zebra" in warning["message"]
 

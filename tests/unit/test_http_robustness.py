@@ -10,7 +10,7 @@ from app.api.limits import MAX_BODY_BYTES, ROUTE_BODY_LIMITS
 from app.main import create_app
 from app.provenance.png import MANIFEST_KEYWORD, embed_texts
 from app.settings import Settings
-from tests.fakes import FakePool, fake_png
+from tests.support.fakes import FakePool, fake_png
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
@@ -19,7 +19,7 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 def client(tmp_path):
     application = create_app(
         Settings(data_dir=tmp_path, workers="cpu:1"),
-        pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True),
+        pool_factory=lambda configs: FakePool(configs, auto=True),
     )
     with TestClient(application, raise_server_exceptions=False) as test_client:
         yield test_client

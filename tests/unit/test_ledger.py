@@ -32,7 +32,10 @@ def row(n, *, model="sameseed-tiny", key="rk1-a", images=1, received=None):
         manifest=f'{{"id":"{gid}"}}',
         key_id="k1",
         images=tuple(
-            ImageRow(gid, k, 100 + n + k, f"{n:02d}{k}".ljust(64, "a"), f"{n:02d}{k}".ljust(64, "b"), 64, 64, "p", 10)
+            ImageRow(
+                index=k, seed=100 + n + k, latent_sha256=f"{n:02d}{k}".ljust(64, "a"),
+                pixel_sha256=f"{n:02d}{k}".ljust(64, "b"), width=64, height=64, generation_id=gid, path="p", bytes=10,
+            )
             for k in range(images)
         ),
     )

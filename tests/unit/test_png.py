@@ -21,7 +21,7 @@ from app.provenance.png import (
 )
 from app.provenance.signing import Signer
 from app.provenance.verification import UnverifiableInput, verify_png
-from tests.samples import sample_generation
+from tests.support.samples import sample_generation
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ from app.models.registry import RegistryError, load_registry
 from app.provenance.hashes import pixel_sha256
 from app.provenance.key import key_material, reproducibility_key, runtime_group_key
 from app.provenance.manifest import canonical_json
-from tests.fakes import RUNTIME
+from tests.support.fakes import RUNTIME
 
 FILES = {"unet/diffusion_pytorch_model.safetensors": "0" * 64, "model_index.json": "1" * 64}
 

@@ -12,13 +12,13 @@ from PIL import Image
 from app.main import create_app
 from app.provenance.png import embed_texts
 from app.settings import Settings
-from tests.fakes import FakePool
+from tests.support.fakes import FakePool
 
 
 @pytest.fixture()
 def client(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True))
+    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
     with TestClient(application) as test_client:
         yield test_client
 

@@ -21,7 +21,7 @@ from app.provenance.signing import (
     raw_public_bytes,
     verify_signature,
 )
-from tests.samples import sample_generation
+from tests.support.samples import sample_generation
 
 
 def signed_document(signer):

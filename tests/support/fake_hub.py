@@ -20,7 +20,7 @@ from app.models.registry import load_registry
 from app.settings import EMBEDDED_REGISTRY
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt")
-TINY = Path(__file__).resolve().parents[1] / "app" / "models" / "sameseed-tiny"
+TINY = Path(__file__).resolve().parents[2] / "app" / "models" / "sameseed-tiny"
 REPO, COMMIT = "sameseed-test/tiny", "0123456789abcdef0123456789abcdef01234567"  # the tiny model as a hub repo
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+from app.params import GenerationParams
 from app.provenance.manifest import Manifest, build_manifest
 from app.worker.messages import RenderImage
-from tests.fakes import rendered
+from tests.support.fakes import rendered
 
 
 def sample_generation(
@@ -22,40 +23,15 @@ def sample_generation(
 ) -> tuple[Manifest, list[bytes]]:
     """An unsigned manifest and its PNGs (no metadata), as the dispatcher hands them over."""
     generation_id = generation_id or f"gen_{uuid.uuid4().hex}"
-    messages = [
-        RenderImage(generation_id, k, model, prompt, negative_prompt, seed + k, 20, 7.5, 64, 64, "euler_a")
-        for k in range(num_images)
-    ]
-    images = [rendered(m, key=key) for m in messages]
+    params = GenerationParams(model, prompt, negative_prompt, seed, 20, 7.5, 64, 64, "euler_a", num_images)
+    images = [rendered(RenderImage(generation_id, k, params.image(k)), key=key) for k in range(num_images)]
     manifest = build_manifest(
         generation_id=generation_id,
-        request={
-            "model": model,
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": 20,
-            "guidance_scale": 7.5,
-            "width": 64,
-            "height": 64,
-            "sampler": "euler_a",
-            "num_images": num_images,
-        },
+        request=params,
         model=images[0].model,
         scheduler=images[0].scheduler,
         runtime=images[0].runtime,
-        images=[
-            {
-                "index": i.index,
-                "seed": i.seed,
-                "latent_sha256": i.latent_sha256,
-                "pixel_sha256": i.pixel_sha256,
-                "width": i.width,
-                "height": i.height,
-                "worker_id": i.worker_id,
-            }
-            for i in images
-        ],
+        images=[i.image for i in images],
         warnings=[],
         received=received,
         started=received,

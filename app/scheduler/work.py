@@ -1,0 +1,84 @@
+"""Work items: what the dispatcher queues, user jobs and golden checks alike, with a priority and a callback."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from app.errors import SameseedError
+from app.params import GenerationParams
+from app.worker.messages import ImageRendered
+
+
+def utc_now() -> str:
+    """The current UTC time in ISO 8601 with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first: a golden check judges its worker before the worker takes more user work."""
+
+    CHECK = 0
+    USER = 1
+
+
+class WorkState(enum.StrEnum):
+    """Where a work item is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINAL = (WorkState.SUCCEEDED, WorkState.FAILED, WorkState.CANCELED)
+
+
+@dataclass(eq=False)
+class Work:
+    """One unit of work: the images of a generation or of a golden run, each rendered on its own.
+
+    `images[k]` holds image k's own parameters (seed already + k). `group_key` keeps every image
+    in one reproducibility group (None: the group of the first worker that takes one); `worker_id`
+    pins every image to one worker (golden checks). With `all_or_nothing` the first image error
+    fails the whole item (a user job); otherwise errors are kept per image (a golden run).
+    `on_done` is called once, on the event loop, when the item reaches a final state.
+    """
+
+    id: str
+    images: tuple[GenerationParams, ...]
+    priority: Priority = Priority.USER
+    group_key: str | None = None
+    worker_id: str | None = None
+    all_or_nothing: bool = True
+    retries: int = 1  # re-runs of an image whose worker died: safe, the result is deterministic
+    on_done: Callable[[Work], None] | None = None
+    state: WorkState = WorkState.QUEUED
+    results: dict[int, ImageRendered] = field(default_factory=dict)
+    errors: dict[int, SameseedError] = field(default_factory=dict)
+    attempts: dict[int, int] = field(default_factory=dict)
+    error: SameseedError | None = None
+    admitted: float = field(default_factory=time.monotonic)
+    received_at: str = field(default_factory=utc_now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the item reached a final state (succeeded, failed or canceled)."""
+        return self.state in FINAL
+
+    @property
+    def complete(self) -> bool:
+        """Whether every image has a result or an error."""
+        return len(self.results) + len(self.errors) == len(self.images)
+
+    def ordered_results(self) -> list[ImageRendered]:
+        """The rendered images in index order (every image must have succeeded)."""
+        return [self.results[k] for k in range(len(self.images))]

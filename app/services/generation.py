@@ -1,0 +1,209 @@
+"""The generation service: resolves parameters against the model, runs the work, builds and stores the proof."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import InvalidRequest, ModelNotFound, SameseedError
+from app.models.registry import Registry
+from app.params import MAX_SEED, GenerationParams
+from app.provenance.hashes import latents_from_bytes
+from app.provenance.manifest import Manifest, manifest_for
+from app.scheduler.dispatcher import Disconnected, Dispatcher
+from app.scheduler.work import Priority, Work, utc_now
+from app.store.archive import Archive
+from app.telemetry.metrics import Metrics
+from app.worker.messages import ImageRendered
+from app.worker.pool import WorkerHandle
+
+log = logging.getLogger("app.generation")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation: its parameters, the rendered images in index order and the manifest."""
+
+    id: str
+    params: GenerationParams
+    images: list[ImageRendered]
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class StoredGeneration:
+    """A generation after signing and storing: the signed manifest and the PNGs with it embedded."""
+
+    generation: Generation
+    manifest: Manifest
+    pngs: list[bytes]
+
+
+def resolve_params(
+    registry: Registry,
+    default_model: str,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    model: str | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str | None = None,
+    num_images: int = 1,
+) -> GenerationParams:
+    """Fill defaults from the model and check the values against its limits (422 naming the field)."""
+    model_id = model or default_model
+    entry = registry.get(model_id)
+    if entry is None:
+        known = ", ".join(m.id for m in registry.models)
+        raise ModelNotFound(f"model {model_id!r} is not registered; available: {known}", param="model")
+    d, lim = entry.defaults, entry.limits
+    width = width if width is not None else d.width
+    height = height if height is not None else d.height
+    for name, value in (("width", width), ("height", height)):
+        if value % lim.size_multiple or not lim.min_size <= value <= lim.max_size:
+            raise InvalidRequest(
+                f"{name} must be a multiple of {lim.size_multiple} from {lim.min_size} to "
+                f"{lim.max_size} for model {entry.id}; got {value}",
+                param=name,
+            )
+    if width * height > lim.max_pixels:
+        raise InvalidRequest(
+            f"width*height must be at most {lim.max_pixels} pixels for model {entry.id}; "
+            f"got {width}x{height} = {width * height}",
+            param="width",
+        )
+    steps = steps if steps is not None else d.steps
+    if steps > lim.max_steps:
+        raise InvalidRequest(
+            f"steps must be from 1 to {lim.max_steps} for model {entry.id}; got {steps}", param="steps"
+        )
+    guidance = guidance_scale if guidance_scale is not None else d.guidance_scale
+    if guidance > lim.max_guidance_scale:
+        raise InvalidRequest(
+            f"guidance_scale must be from 0 to {lim.max_guidance_scale} for model {entry.id}; got {guidance}",
+            param="guidance_scale",
+        )
+    last_seed = MAX_SEED - (num_images - 1)
+    if seed is None:
+        seed = secrets.randbelow(last_seed + 1)
+    elif seed > last_seed:
+        raise InvalidRequest(
+            f"seed + num_images - 1 must stay at most {MAX_SEED} (2^53-1); with num_images="
+            f"{num_images} the largest seed is {last_seed}; got {seed}",
+            param="seed",
+        )
+    return GenerationParams(
+        model=entry.id,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=float(guidance),
+        width=width,
+        height=height,
+        sampler=sampler or d.sampler,
+        num_images=num_images,
+    )
+
+
+class GenerationService:
+    """Generations end to end: parameters, the dispatcher's work, the manifest, and the durable record."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        default_model: str,
+        dispatcher: Dispatcher,
+        archive: Archive | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.registry = registry
+        self.default_model = default_model
+        self.dispatcher = dispatcher
+        self.archive = archive
+        self.metrics = metrics or dispatcher.metrics
+
+    def resolve(self, **fields: Any) -> GenerationParams:  # noqa: ANN401 - the optional fields of resolve_params
+        """The effective parameters of a request's fields (see `resolve_params`); counted as an outcome when refused."""
+        try:
+            return resolve_params(self.registry, self.default_model, **fields)
+        except SameseedError as exc:
+            self.metrics.jobs.labels(outcome=exc.type).inc()
+            raise
+
+    def workers(self) -> list[WorkerHandle]:
+        """Every worker of this server, in id order."""
+        return self.dispatcher.workers()
+
+    def has_key(self, model: str, key: str) -> bool:
+        """Whether a worker serves `model` under reproducibility key `key`."""
+        return any(w.models.get(model, {}).get("reproducibility_key") == key for w in self.workers())
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        *,
+        reproducibility_key: str | None = None,
+        received_at: str | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> Generation:
+        """Render every image (image k with seed + k, on one key group) and build the manifest; raises why not."""
+        try:
+            work = Work(
+                id=f"gen_{uuid.uuid4().hex}",
+                images=tuple(params.image(k) for k in range(params.num_images)),
+                priority=Priority.USER,
+                group_key=self.dispatcher.group_for_key(params.model, reproducibility_key),
+                received_at=received_at or utc_now(),
+            )
+            log.info(
+                "job admitted", extra={"generation_id": work.id, "model": params.model, "images": params.num_images}
+            )
+            await self.dispatcher.run(work, disconnected=disconnected)
+        except SameseedError as exc:
+            self.metrics.jobs.labels(outcome=exc.type).inc()
+            raise
+        self.metrics.jobs.labels(outcome="ok").inc()
+        images = work.ordered_results()
+        manifest = manifest_for(
+            generation_id=work.id,
+            params=params,
+            rendered=images,
+            received=work.received_at,
+            started=work.started_at or work.received_at,
+            finished=work.finished_at or utc_now(),
+        )
+        log.info(
+            "job done", extra={"generation_id": work.id, "reproducibility_key": manifest.runtime.reproducibility_key}
+        )
+        return Generation(id=work.id, params=params, images=images, manifest=manifest)
+
+    async def create(
+        self,
+        params: GenerationParams,
+        *,
+        reproducibility_key: str | None = None,
+        received_at: str | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> StoredGeneration:
+        """Generate, then sign, embed and store durably before answering: a returned generation survives SIGKILL."""
+        generation = await self.generate(
+            params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
+        )
+        assert self.archive is not None, "create() needs an archive"
+        archived = await asyncio.to_thread(
+            self.archive.record,
+            generation.manifest,
+            [image.png for image in generation.images],
+            [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
+        )
+        return StoredGeneration(generation=generation, manifest=archived.manifest, pngs=list(archived.pngs))

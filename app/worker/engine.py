@@ -1,0 +1,145 @@
+"""Engines a worker process runs: the diffusers engine, and the interface test fixture engines implement."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any, Protocol
+
+from app.errors import OutOfMemory
+from app.provenance.manifest import ManifestImage
+from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
+
+log = logging.getLogger("app.worker")
+
+KEY_VERSION_FIELDS = (
+    "versions.torch", "versions.diffusers", "versions.transformers", "versions.cuda", "versions.cudnn"
+)
+
+
+class Engine(Protocol):
+    """What the worker loop needs: a runtime fingerprint, models loaded once, one image at a time."""
+
+    runtime: dict[str, Any]
+    model_keys: dict[str, dict[str, Any]]
+
+    def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
+        """The loaded model, loading it now if needed; the second item describes a fresh load."""
+
+    def render(self, job: RenderImage) -> ImageRendered:
+        """Render one image and describe it for the manifest."""
+
+
+def load_engine(config: WorkerConfig) -> Engine:
+    """Build the engine `config.engine` names (`module:Class`), passing it the worker config."""
+    module_name, _, class_name = config.engine.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)(config)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is the device (CUDA) or host (CPU allocator) running out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+    except ImportError:  # a fixture engine without torch
+        return False
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def out_of_memory(exc: BaseException, job: RenderImage) -> OutOfMemory:
+    """The documented error for an image the device had no memory for."""
+    p = job.params
+    return OutOfMemory(
+        f"the {type(exc).__name__} device ran out of memory for a {p.width}x{p.height} image "
+        f"of {p.model}; try a smaller size ({str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+        param="width",
+    )
+
+
+class DiffusersEngine:
+    """Owns this worker's loaded diffusers pipelines (loaded once, kept) and renders images with them."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        from app.models.registry import load_registry
+        from app.pipeline.determinism import configure_torch, runtime_fingerprint
+        from app.pipeline.loader import quiet_libraries
+
+        configure_torch(config.device, config.cpu_threads, config.cpu_mkldnn)
+        quiet_libraries()
+        self.config = config
+        self.registry = load_registry(config.registry_path)
+        self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
+        self.models: dict[str, Any] = {}
+        self.model_keys: dict[str, dict[str, Any]] = {}
+
+    def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
+        """The loaded model, loading it now if needed; the second item describes a fresh load."""
+        if model_id in self.models:
+            return self.models[model_id], None
+        from app.errors import ModelNotFound
+        from app.pipeline.determinism import torch_device
+        from app.pipeline.loader import load_model, resolve_paths
+        from app.provenance.key import reproducibility_key
+
+        entry = self.registry.get(model_id)
+        if entry is None:
+            raise ModelNotFound(f"model {model_id!r} is not in this worker's registry", param="model")
+        started = time.perf_counter()
+        paths = resolve_paths(entry, self.registry, self.config.data_dir, self.config.allow_download)
+        loaded = load_model(entry, paths, torch_device(self.config.device))
+        identity = loaded.identity()
+        key = reproducibility_key(
+            files=identity["files"], pipeline=identity["pipeline"], dtype=identity["dtype"], runtime=self.runtime
+        )
+        self.models[model_id] = loaded
+        self.model_keys[model_id] = {
+            "reproducibility_key": key,
+            "load_seconds": round(time.perf_counter() - started, 3),
+        }
+        log.info("loaded model %s from %s in %.2fs", model_id, paths, time.perf_counter() - started)
+        return loaded, {"model": model_id, **self.model_keys[model_id]}
+
+    def render(self, job: RenderImage) -> ImageRendered:
+        """Render one image of a job and describe it for the manifest; out of memory is OutOfMemory."""
+        from app.pipeline.generate import render_image
+        from app.provenance.key import KEY_RUNTIME_FIELDS
+
+        loaded, fresh = self.model(job.params.model)
+        try:
+            result = render_image(loaded, job.params)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory(exc, job) from exc
+            raise
+        runtime = {
+            **{k: v for k, v in self.runtime.items() if k != "pid"},
+            "reproducibility_key": self.model_keys[job.params.model]["reproducibility_key"],
+            "key_fields": [*KEY_RUNTIME_FIELDS, *KEY_VERSION_FIELDS],
+        }
+        return ImageRendered(
+            job_id=job.job_id,
+            image=ManifestImage(
+                index=job.index,
+                seed=job.params.seed,
+                latent_sha256=result.latent_sha256,
+                pixel_sha256=result.pixel_sha256,
+                width=result.image.width,
+                height=result.image.height,
+                worker_id=self.config.worker_id,
+                vae_upcast=result.vae_upcast,
+            ),
+            png=result.png,
+            seconds=result.seconds,
+            model=loaded.identity(),
+            scheduler=result.scheduler,
+            runtime=runtime,
+            warnings=tuple(result.warnings),
+            model_loaded=fresh,
+            conditioning=result.conditioning,
+            latents=result.latents,
+            latent_shape=result.latent_shape,
+        )
