@@ -86,12 +86,12 @@ class Dispatcher:
             self.fail(work, NotReady(f"the server shut down before {work.id} finished (drain {grace_s:g}s)"))
         return len(left)
 
-    async def close(self) -> None:
-        """Stop accepting, fail what is left, stop the workers."""
+    async def close(self, stop_timeout_s: float = 10.0) -> None:
+        """Stop accepting, fail what is left, stop the workers (killing those not gone within the timeout)."""
         self.draining = True
         for work in list(self._works.values()):
             self.fail(work, NotReady("the server is shutting down"))
-        await self.pool.stop()
+        await self.pool.stop(stop_timeout_s)
         self._sync_metrics()
 
     # ------------------------------------------------------------------ status
@@ -235,7 +235,8 @@ class Dispatcher:
             if work.priority is Priority.USER:
                 self.metrics.queue_wait.observe(time.monotonic() - work.admitted)
         work.attempts[index] = work.attempts.get(index, 0) + 1
-        if not self.pool.assign(worker.id, RenderImage(job_id=work.id, index=index, params=work.images[index])):
+        message = RenderImage(work.id, index, work.images[index], check=work.priority is Priority.CHECK)
+        if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
 
     # ------------------------------------------------------------------ events

@@ -39,6 +39,7 @@ class RenderImage:
     job_id: str
     index: int
     params: GenerationParams
+    check: bool = False  # a golden-check image: judged by the monitor, not counted as user work
 
 
 @dataclass(frozen=True)

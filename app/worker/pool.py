@@ -7,6 +7,7 @@ only this module changes a handle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import multiprocessing
@@ -290,11 +291,12 @@ class WorkerPool:
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):
+                self._loop.call_soon_threadsafe(self._deliver, handle, process, message)
+            except (EOFError, OSError, RuntimeError):  # the pipe closed, or the event loop did
                 break
-            self._loop.call_soon_threadsafe(self._deliver, handle, process, message)
         process.join(timeout=5)
-        self._loop.call_soon_threadsafe(self._deliver, handle, process, WorkerExited(handle.id, process.exitcode))
+        with contextlib.suppress(RuntimeError):  # the event loop already closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._deliver, handle, process, WorkerExited(handle.id, process.exitcode))
 
     def _deliver(self, handle: WorkerHandle, process: Any, event: WorkerEvent) -> None:
         if process is not handle.process:
@@ -303,7 +305,7 @@ class WorkerPool:
         if isinstance(event, ImageRendered | ImageFailed):
             finished = self._release(handle)
             if isinstance(event, ImageRendered):
-                handle.jobs_done += 1
+                handle.jobs_done += 0 if finished is not None and finished.message.check else 1
                 if event.model_loaded:
                     handle.models[event.model_loaded["model"]] = event.model_loaded
         elif isinstance(event, WorkerReady):

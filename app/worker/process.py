@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.errors import SameseedError
-from app.worker.engine import Engine, load_engine
+from app.worker.engine import Engine, is_out_of_memory, load_engine, out_of_memory
 from app.worker.messages import (
     ImageFailed,
     RenderImage,
@@ -104,6 +104,12 @@ def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
                 message.job_id, message.index, worker_id, exc.type, exc.message, exc.param
             )
         except Exception as exc:  # recoverable: report it, keep serving
+            if is_out_of_memory(exc):
+                error = out_of_memory(exc, message)
+                log.error("out of memory: %s", error.message, extra={"generation_id": message.job_id})
+                reply = ImageFailed(message.job_id, message.index, worker_id, error.type, error.message, error.param)
+                conn.send(reply)
+                continue
             log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
             reply = ImageFailed(
                 message.job_id,

@@ -1,0 +1,74 @@
+"""The worker loop (`serve`) in a thread over a real pipe, with fixture engines: job errors are data."""
+
+import threading
+from multiprocessing import Pipe
+from pathlib import Path
+
+import pytest
+
+from app.params import GenerationParams
+from app.worker.messages import ImageFailed, ImageRendered, RenderImage, Shutdown, WorkerConfig
+from app.worker.process import serve
+from tests.support.engines import FakeEngine, OutOfMemoryEngine, RaisingEngine
+
+CONFIG = WorkerConfig("w0", "cpu", 1, True, Path("registry.yaml"), Path("data"), ("sameseed-tiny",), False)
+PARAMS = GenerationParams("sameseed-tiny", "a cat", "", 7, 20, 7.5, 64, 64, "pndm", 1)
+
+
+@pytest.fixture()
+def loop_with():
+    threads = []
+
+    def start(engine_class):
+        parent, child = Pipe(duplex=True)
+        thread = threading.Thread(target=serve, args=(engine_class(CONFIG), child, "w0"), daemon=True)
+        thread.start()
+        threads.append((parent, thread))
+        return parent
+
+    yield start
+    for parent, thread in threads:
+        parent.send(Shutdown())
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the worker loop did not stop on Shutdown"
+
+
+def ask(conn, message, timeout=5.0):
+    conn.send(message)
+    assert conn.poll(timeout), "no reply from the worker loop"
+    return conn.recv()
+
+
+def test_each_image_is_answered_with_its_index_seed_and_hashes(loop_with):
+    conn = loop_with(FakeEngine)
+    first = ask(conn, RenderImage("gen_1", 0, PARAMS))
+    second = ask(conn, RenderImage("gen_1", 1, PARAMS.image(1)))
+    assert isinstance(first, ImageRendered) and isinstance(second, ImageRendered)
+    assert (first.image.index, first.image.seed, second.image.index, second.image.seed) == (0, 7, 1, 8)
+    assert first.image.latent_sha256 != second.image.latent_sha256
+    assert ask(conn, RenderImage("gen_2", 0, PARAMS)).image.latent_sha256 == first.image.latent_sha256
+
+
+def test_a_pipeline_error_is_reported_and_the_loop_keeps_serving(loop_with):
+    conn = loop_with(RaisingEngine)
+    failed = ask(conn, RenderImage("gen_1", 0, GenerationParams(**{**PARAMS.as_dict(), "prompt": "raise"})))
+    assert isinstance(failed, ImageFailed)
+    assert (failed.job_id, failed.index, failed.error_type) == ("gen_1", 0, "generation_failed")
+    assert "ValueError: the pipeline broke" in failed.message
+    assert isinstance(ask(conn, RenderImage("gen_2", 0, PARAMS)), ImageRendered)
+
+
+def test_out_of_memory_becomes_the_documented_error_naming_the_size(loop_with):
+    conn = loop_with(OutOfMemoryEngine)
+    big = GenerationParams(**{**PARAMS.as_dict(), "width": 128})
+    failed = ask(conn, RenderImage("gen_1", 0, big))
+    assert isinstance(failed, ImageFailed)
+    assert (failed.error_type, failed.param) == ("out_of_memory", "width")
+    assert "128x64" in failed.message and "4.00 GiB" in failed.message
+    assert isinstance(ask(conn, RenderImage("gen_2", 0, PARAMS)), ImageRendered)  # still serving
+
+
+def test_an_unknown_message_is_ignored_and_the_next_one_served(loop_with):
+    conn = loop_with(FakeEngine)
+    conn.send("not a message")
+    assert isinstance(ask(conn, RenderImage("gen_1", 0, PARAMS)), ImageRendered)
