@@ -156,25 +156,44 @@ def error_body(type_: str, message: str, param: str | None = None) -> dict[str, 
     return {"error": {"type": type_, "message": message, "param": param}}
 
 
-ERROR_CLASSES: dict[str, type[SameseedError]] = {
-    cls.type: cls
-    for cls in (
-        InvalidRequest,
-        MalformedRequest,
-        ModelNotFound,
-        NotFound,
-        MethodNotAllowed,
-        QueueFull,
-        KeyUnavailable,
-        ClientDisconnected,
-        OutOfMemory,
-        NotReady,
-        ModelUnavailable,
-        WorkerLost,
-        JobTimeout,
-        GenerationFailed,
-    )
+ERRORS: tuple[type[SameseedError], ...] = (
+    MalformedRequest,
+    Unauthorized,
+    ModelNotFound,
+    NotFound,
+    GenerationNotFound,
+    MethodNotAllowed,
+    KeyUnavailable,
+    ImageGone,
+    PayloadTooLarge,
+    InvalidRequest,
+    QueueFull,
+    ClientDisconnected,
+    GenerationFailed,
+    NotReady,
+    ModelUnavailable,
+    OutOfMemory,
+    WorkerLost,
+    StorageUnavailable,
+    JobTimeout,
+)
+"""The one error table: each class names its status and type; handlers and OpenAPI both read it."""
+
+ERROR_CLASSES: dict[str, type[SameseedError]] = {cls.type: cls for cls in ERRORS}
+
+_FOR_HTTP_STATUS: dict[int, type[SameseedError]] = {
+    400: MalformedRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge
 }
+
+
+def for_http_status(status: int, message: str) -> SameseedError:
+    """The domain error for a status the web framework raised itself (unknown route, wrong method, ...)."""
+    cls = _FOR_HTTP_STATUS.get(status)
+    if cls is None:
+        error = SameseedError(message)
+        error.status, error.type = status, "http_error"
+        return error
+    return cls(message)
 
 
 def error_from_type(type_: str, message: str, param: str | None = None) -> SameseedError:

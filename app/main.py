@@ -17,7 +17,7 @@ from app.api import consistency, generations, health, metrics, models, provenanc
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
 from app.cli.startup import Startup, prepare
-from app.errors import SameseedError, error_body
+from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
 from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
@@ -135,32 +135,28 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
             return JSONResponse(
-                error_body("malformed_request", f"the body is not valid JSON: {detail}"), status_code=400
+                MalformedRequest(f"the body is not valid JSON: {detail}").body(), status_code=400
             )
         first = errors[0] if errors else {}
         message = _validation_message(first)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more: " + "; ".join(_validation_message(e) for e in errors[1:4]) + ")"
         return JSONResponse(
-            error_body("invalid_request", message, _param(tuple(first.get("loc", ())))), status_code=422
+            InvalidRequest(message, param=_param(tuple(first.get("loc", ())))).body(), status_code=422
         )
 
     @fastapi_app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         # FastAPI answers 400 itself when a JSON body cannot be decoded (not UTF-8, nested too deeply)
         detail = str(exc.detail)
         if exc.status_code == 400:
             detail = "the body cannot be parsed as JSON (not UTF-8, or nested too deeply)"
-        return JSONResponse(
-            error_body(kinds.get(exc.status_code, "http_error"), detail),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        error = for_http_status(exc.status_code, detail)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @fastapi_app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(
-            error_body("internal_error", f"internal error ({type(exc).__name__}); this is a bug"), status_code=500
+            SameseedError(f"internal error ({type(exc).__name__}); this is a bug").body(), status_code=500
         )

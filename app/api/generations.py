@@ -11,9 +11,8 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from app.api.deps import ArchiveDep, GenerationDep
-from app.api.responses import ERROR_RESPONSES
+from app.api.responses import GENERATION_ERRORS, LEDGER_ERRORS
 from app.api.schemas import (
-    ErrorResponse,
     GeneratedImage,
     GenerationFilters,
     GenerationPage,
@@ -30,24 +29,9 @@ from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus
 router = APIRouter(prefix="/v1", tags=["generations"])
 
 GenerationId = Annotated[str, Path(pattern=r"^gen_[0-9a-f]{8,64}$", description="A generation id.")]
-LEDGER_ERRORS = {
-    404: {"model": ErrorResponse, "description": "No such generation or image"},
-    410: {"model": ErrorResponse, "description": "The image file was pruned; the manifest remains"},
-    422: {"model": ErrorResponse, "description": "A parameter is invalid; `param` names it"},
-}
-
-
 def image_url(generation_id: str, index: int) -> str:
     """Path of one stored image on this server."""
     return f"/v1/generations/{generation_id}/images/{index}.png"
-
-
-GENERATION_ERRORS = {
-    **ERROR_RESPONSES,
-    409: {"model": ErrorResponse, "description": "No worker has the requested reproducibility_key"},
-    413: {"model": ErrorResponse, "description": "Body over 1 MiB"},
-    500: {"model": ErrorResponse, "description": "The pipeline raised (generation_failed)"},
-}
 
 
 @router.post("/generations", response_model=GenerationResponse, responses=GENERATION_ERRORS)

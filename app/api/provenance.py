@@ -7,8 +7,9 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from app.api.deps import ArchiveDep
-from app.api.schemas import ErrorResponse, KeyList, PublicKeyInfo, VerifyResponse
-from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
+from app.api.responses import error_responses
+from app.api.schemas import KeyList, PublicKeyInfo, VerifyResponse
+from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge, StorageUnavailable
 from app.provenance.manifest import parse_json
 from app.provenance.png import PNG_SIGNATURE
 from app.provenance.verification import UnverifiableInput, Verification
@@ -48,11 +49,7 @@ def _response(result: Verification) -> VerifyResponse:
     "/verify",
     response_model=VerifyResponse,
     openapi_extra=_BODY,
-    responses={
-        400: {"model": ErrorResponse, "description": "Neither a PNG nor JSON"},
-        413: {"model": ErrorResponse, "description": "Body too large"},
-        422: {"model": ErrorResponse, "description": "A PNG without a Sameseed manifest, or JSON that is no object"},
-    },
+    responses=error_responses(MalformedRequest, PayloadTooLarge, InvalidRequest, StorageUnavailable),
 )
 async def verify(request: Request, archive: ArchiveDep) -> VerifyResponse:
     """Check signature, pixels and ledger of a PNG, or the signature and ledger of a manifest."""

@@ -12,6 +12,7 @@ from pydantic.dataclasses import dataclass
 from app.params import MAX_SEED, STRICT, ImageHashes
 from app.pipeline.samplers import SamplerName
 from app.provenance.manifest import Manifest
+from app.services.consistency import CaseResult
 
 MAX_IMAGES = 8
 
@@ -280,18 +281,9 @@ class KeyList(BaseModel):
     keys: list[PublicKeyInfo]
 
 
-class ConsistencyCase(BaseModel):
-    """One golden case on one worker: expected vs actual hashes."""
-
-    case: str
-    model: str
-    reproducibility_key: str | None
-    state: str
-    expected_latent_sha256: str | None
-    actual_latent_sha256: str | None
-    expected_pixel_sha256: str | None
-    actual_pixel_sha256: str | None
-    error: str | None = None
+@dataclass(frozen=True)
+class ConsistencyCase(CaseResult):
+    """One golden case on one worker: the verdict, expected vs actual hashes, and the error if it failed."""
 
 
 class ConsistencyWorker(BaseModel):

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from app.models.registry import Registry
 from app.params import GenerationParams
 from app.provenance.golden import Baseline, BaselineStore, GoldenCase, GoldenSuite, summarize
@@ -25,7 +27,7 @@ from app.worker.pool import COMING, SERVING, WorkerEvent, WorkerExited, WorkerHa
 log = logging.getLogger("app.services.consistency")
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class CaseResult:
     """One golden case on one worker: expected vs actual hashes and the verdict."""
 

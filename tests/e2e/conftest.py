@@ -1,4 +1,4 @@
-"""Start the real server (real spawned worker processes, the embedded tiny model) for integration tests."""
+"""Start the real server (real spawned worker processes, the embedded tiny model) for end-to-end tests."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT, Server
+from tests.e2e.conftest import ROOT, Server
 
 SLOW = {"seed": 31, "steps": 60, "width": 128, "height": 128}  # ~3 s on the tiny model here
 MIXED = [

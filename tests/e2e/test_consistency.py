@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tests.integration.conftest import ROOT
+from tests.e2e.conftest import ROOT
 
 
 def checked(srv, deadline_s=60.0):

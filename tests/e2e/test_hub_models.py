@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT
+from tests.e2e.conftest import ROOT
 from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
 
 

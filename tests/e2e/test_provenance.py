@@ -14,7 +14,7 @@ import numpy
 from PIL import Image
 
 from app.provenance.png import MANIFEST_KEYWORD, embed_texts, read_texts
-from tests.integration.conftest import ROOT
+from tests.e2e.conftest import ROOT
 
 
 def offline_verify(path, keys_path):

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from tests.integration.conftest import Server
+from tests.e2e.conftest import Server
 from tests.support.model_variants import TINY, TINY_XL, write_hot_vae, write_single_file
 
 XL = "sameseed-tiny-xl"
