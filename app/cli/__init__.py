@@ -1,1 +1,1 @@
-"""cli"""
+"""The command line: commands, the HTTP client, serve wiring and the bench."""

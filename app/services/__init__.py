@@ -1,1 +1,1 @@
-"""services"""
+"""Services the routes call: generation, replay, consistency. No HTTP types, no torch."""

@@ -1,1 +1,1 @@
-"""store"""
+"""Durable state: the archive, the SQLite ledger and the image files."""

@@ -1,1 +1,1 @@
-"""telemetry"""
+"""Observability: Prometheus metrics and JSON logs."""

@@ -1,0 +1,1 @@
+"""Test support: fakes, fixture engines, a fake hub and sample generations."""

@@ -168,27 +168,6 @@ def test_sdxl_with_a_hub_vae_fetches_the_diffusers_components_and_the_two_vae_fi
     assert snapshots["vae"].folder == dirs["data_dir"] / "hub" / "sdxl-base" / "vae"
 
 
-def test_a_hub_model_resolves_and_loads_from_its_linked_folder(fake_hub, dirs, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    from app.pipeline.loader import load_model, resolve_paths
-
-    registry = load_registry(hub_registry(tmp_path))
-    entry = registry.get("tiny-hub")
-    pull(entry, allow_download=True, endpoint=fake_hub.url, **dirs)
-    # the worker's path: the default cache (HF_HOME) and no endpoint; offline mode proves no request is made
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(dirs["cache_dir"]))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    paths = resolve_paths(entry, registry, dirs["data_dir"], allow_download=False)
-    loaded = load_model(entry, paths, "cpu")
-
-    identity = loaded.identity()
-    assert identity["source"] == str(dirs["data_dir"] / "hub" / "tiny-hub" / "model")
-    assert (identity["source_kind"], identity["hub_repo"], identity["hub_revision"]) == ("hub", REPO, COMMIT)
-    assert identity["files"] == tiny_pins()  # the same identity as the embedded model: same bytes, same key
-
-
 def test_deploy_registry_pins_real_models_and_keeps_the_tiny_model_identical():
     deploy = load_registry(ROOT / "deploy" / "registry.yaml")
     embedded = load_registry(EMBEDDED_REGISTRY)

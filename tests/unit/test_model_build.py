@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -76,37 +75,6 @@ def test_tiny_vocab_tokenizer_ids(tmp_path):
     assert ids[0] == 998 and ids[-1] == 999 and max(ids) <= 999
     with pytest.raises(ValueError):
         build_clip_tokenizer_files(tmp_path / "bad", 100)
-
-
-def test_tiny_pipeline_loads_and_generates_finite_output():
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_TINY, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    spec = MODEL_SPECS["sameseed-tiny"]
-    assert isinstance(pipe.scheduler, PNDMScheduler)
-    assert pipe.safety_checker is None and pipe.vae_scale_factor == spec.vae_scale_factor == 2
-    text_cfg = pipe.text_encoder.config
-    assert (text_cfg.bos_token_id, text_cfg.eos_token_id, text_cfg.pad_token_id) == (998, 999, 999)
-    assert text_cfg.vocab_size == len(pipe.tokenizer) == 1000
-
-    def run(output_type):
-        return pipe(
-            "a photo of a cat",
-            num_inference_steps=20,
-            guidance_scale=7.5,
-            height=spec.default_size,
-            width=spec.default_size,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type=output_type,
-        ).images
-
-    latents = run("latent")
-    assert tuple(latents.shape) == (1, 4, 32, 32)
-    assert torch.isfinite(latents).all()
-    image = run("np")
-    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
-    assert len(np.unique((image * 255).round())) > 16  # not a flat or saturated image
 
 
 def test_text_encoder_weights_use_sd15_key_prefix():
