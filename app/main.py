@@ -16,7 +16,6 @@ import app
 from app.api import consistency, generations, health, metrics, models, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
-from app.cli.startup import Startup, prepare
 from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
 from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
@@ -26,6 +25,7 @@ from app.settings import Settings
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
+from app.worker.plan import Startup, prepare
 from app.worker.pool import WorkerPool
 
 log = logging.getLogger("app.main")

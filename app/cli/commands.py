@@ -23,9 +23,9 @@ def _settings(**overrides: object):  # noqa: ANN202 - returns Settings; imported
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
-    from app.cli.startup import prepare
     from app.models.registry import RegistryError
     from app.telemetry.logs import configure_logging
+    from app.worker.plan import prepare
     from app.worker.pool import WorkerPool
 
     settings = _settings(host=args.host, port=args.port)

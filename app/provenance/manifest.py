@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 from app.params import STRICT, GenerationParams, ImageHashes
-
-if TYPE_CHECKING:
-    from app.worker.messages import ImageRendered
 
 MANIFEST_FORMAT = "sameseed.manifest/1"
 
@@ -153,11 +150,22 @@ class Manifest(_Part):
         return canonical_json(self.model_dump(mode="json"))
 
 
+class RenderedImage(Protocol):
+    """What the manifest needs of one rendered image (the worker's ImageRendered message has it)."""
+
+    image: ManifestImage
+    model: dict[str, Any]
+    scheduler: dict[str, Any]
+    runtime: dict[str, Any]
+    warnings: tuple[dict[str, Any], ...]
+    conditioning: dict[str, Any] | None
+
+
 def manifest_for(
     *,
     generation_id: str,
     params: GenerationParams,
-    rendered: Sequence[ImageRendered],
+    rendered: Sequence[RenderedImage],
     received: str,
     started: str,
     finished: str,

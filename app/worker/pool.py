@@ -11,15 +11,12 @@ import contextlib
 import enum
 import logging
 import multiprocessing
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.settings import Settings
 from app.worker.messages import (
     FromWorker,
     ImageFailed,
@@ -110,49 +107,6 @@ class WorkerHandle:
             "models": {m: info.get("reproducibility_key") for m, info in self.models.items()},
             "ready_seconds": self.ready_seconds,
         }
-
-
-def visible_gpus() -> list[str]:
-    """Physical indices of the NVIDIA GPUs this host shows (without importing torch)."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def plan_devices(workers: str) -> list[str]:
-    """Turn SAMESEED_WORKERS into one device string per worker; `cuda` without GPUs fails fast."""
-    if workers.startswith("cpu:"):
-        return ["cpu"] * int(workers.split(":", 1)[1])
-    gpus = visible_gpus()
-    if workers == "cuda" and not gpus:
-        raise RuntimeError("SAMESEED_WORKERS=cuda but no NVIDIA GPU is visible (nvidia-smi found none)")
-    return [f"cuda:{index}" for index in gpus] or ["cpu"]
-
-
-def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]:
-    """One picklable config per worker, from SAMESEED_WORKERS and the thread settings."""
-    return [
-        WorkerConfig(
-            worker_id=f"w{i}",
-            device=device,
-            cpu_threads=settings.cpu_threads,
-            cpu_mkldnn=settings.cpu_mkldnn,
-            registry_path=settings.models,
-            data_dir=settings.data_dir.resolve(),
-            preload=(default_model,),
-            allow_download=settings.allow_download,
-            log_level=settings.log_level,
-            image=settings.image_identity(),
-        )
-        for i, device in enumerate(plan_devices(settings.workers))
-    ]
 
 
 WorkerEvent = FromWorker | WorkerExited
