@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
-from app.api import consistency, generations, health, metrics, models, provenance, reproduce
+from app.api import a1111, consistency, generations, health, metrics, models, openai_images, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
 from app.archive import Archive
@@ -84,7 +84,7 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
     )
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
-    routers = (generations, health, models, metrics, provenance, consistency, reproduce)
+    routers = (generations, health, models, metrics, provenance, consistency, reproduce, openai_images, a1111)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)

@@ -13,9 +13,7 @@ from fastapi.responses import Response
 from app.api.deps import ArchiveDep, DispatcherDep
 from app.api.responses import ERROR_RESPONSES
 from app.archive import iso_utc
-from app.dispatcher import utc_now
 from app.ledger import GenerationQuery, GenerationRow, GenerationStatus
-from app.provenance.hashes import latents_from_bytes
 from app.schemas import (
     ErrorResponse,
     GeneratedImage,
@@ -27,6 +25,7 @@ from app.schemas import (
     GenerationSummary,
     StoredImage,
 )
+from app.services.generation import generate_and_store
 
 router = APIRouter(prefix="/v1", tags=["generations"])
 
@@ -56,24 +55,18 @@ async def create_generation(
     body: GenerationRequest, dispatcher: DispatcherDep, archive: ArchiveDep, http_request: Request
 ) -> GenerationResponse:
     """Generate images deterministically; sign, embed and store them durably, then answer."""
-    received = utc_now()
-    outcome = await dispatcher.generate(body, received_at=received, disconnected=http_request.is_disconnected)
-    # Files and ledger rows are durable before the answer leaves: a 200 survives SIGKILL.
-    archived = await asyncio.to_thread(
-        archive.record,
-        outcome.manifest,
-        [image.png for image in outcome.images],
-        [latents_from_bytes(image.latents, image.latent_shape) for image in outcome.images],
+    archived = await generate_and_store(
+        body, dispatcher=dispatcher, archive=archive, disconnected=http_request.is_disconnected
     )
     inline = body.response_format == "b64_png"
     return GenerationResponse(
-        id=outcome.id,
+        id=archived.manifest.id,
         images=[
             GeneratedImage(
                 index=image.index,
                 seed=image.seed,
                 png_base64=base64.b64encode(png).decode("ascii") if inline else None,
-                url=image_url(outcome.id, image.index),
+                url=image_url(archived.manifest.id, image.index),
                 latent_sha256=image.latent_sha256,
                 pixel_sha256=image.pixel_sha256,
             )

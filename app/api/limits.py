@@ -12,7 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 << 20  # any route; POST /v1/verify and /v1/reproduce accept up to this
-ROUTE_BODY_LIMITS: Mapping[str, int] = {"/v1/generations": 1 << 20}  # a generation request is a few KB
+ROUTE_BODY_LIMITS: Mapping[str, int] = {  # a generation request is a few KB
+    path: 1 << 20 for path in ("/v1/generations", "/v1/images/generations", "/sdapi/v1/txt2img")
+}
 
 
 def describe(limit: int) -> str:
