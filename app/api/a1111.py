@@ -26,7 +26,7 @@ from app.api.a1111_schemas import (
 from app.api.deps import ArchiveDep, DispatcherDep
 from app.api.responses import ERROR_RESPONSES
 from app.api.translation import front_door_note, generation_request, rename_param
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, SameseedError
 from app.provenance.manifest import Manifest, ManifestWarning
 from app.provenance.png import A1111_SAMPLER_NAMES, a1111_parameters, model_hash
 from app.registry import ModelEntry
@@ -228,7 +228,7 @@ async def txt2img(
         archived = await generate_and_store(
             request, dispatcher=dispatcher, archive=archive, disconnected=http_request.is_disconnected, notes=[note]
         )
-    except InvalidRequest as exc:  # the model's limits name Sameseed's fields: name the client's
+    except SameseedError as exc:  # the model's limits name Sameseed's fields: name the client's
         raise rename_param(exc, PARAM_NAMES) from None
     return Txt2ImgResponse(
         images=[base64.b64encode(png).decode("ascii") for png in archived.pngs] if body.send_images else [],

@@ -55,8 +55,7 @@ def _openai_type(status: int) -> str:
 def openai_error(error: SameseedError) -> tuple[int, dict[str, Any]]:
     """OpenAI's status and body for a Sameseed error: 422 becomes 400, the Sameseed type becomes `code`."""
     status = 400 if error.status == 422 else error.status
-    if isinstance(error, InvalidRequest):
-        error = rename_param(error, PARAM_NAMES)
+    error = rename_param(error, PARAM_NAMES)
     body = {"error": {"message": error.message, "type": _openai_type(status), "param": error.param, "code": error.type}}
     return status, body
 

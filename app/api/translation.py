@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, SameseedError
 from app.provenance.manifest import ManifestWarning
 from app.schemas import GenerationRequest
 
@@ -27,12 +27,12 @@ def generation_request(fields: Mapping[str, Any], names: Mapping[str, str]) -> G
         raise InvalidRequest(f"{param}: {error['msg']}", param=param) from None
 
 
-def rename_param(error: InvalidRequest, names: Mapping[str, str]) -> InvalidRequest:
+def rename_param(error: SameseedError, names: Mapping[str, str]) -> SameseedError:
     """The same error naming the foreign field (e.g. `width` -> `size`) the client actually sent."""
     if error.param is None or error.param not in names:
         return error
     foreign = names[error.param]
-    return InvalidRequest(f"{foreign}: {error.message}", param=foreign)
+    return type(error)(f"{foreign}: {error.message}", param=foreign)
 
 
 def _shown(value: Any) -> str:

@@ -49,10 +49,10 @@ class HoldingPool(FakePool):
         self.loop.call_soon_threadsafe(answer_all)
 
 
-@pytest.fixture()
-def live(tmp_path):
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
     application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:1"),
+        Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1"),
         pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True),
     )
     with LiveServer(application) as server:
