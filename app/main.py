@@ -16,6 +16,7 @@ import app
 from app.api import a1111, consistency, generations, health, metrics, models, openai_images, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
+from app.api.openapi import install_openapi, operation_id
 from app.archive import Archive
 from app.consistency import ConsistencyMonitor
 from app.dispatcher import Dispatcher, Pool
@@ -81,7 +82,9 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
         version=app.__version__,
         description="Deterministic Stable Diffusion generation with provenance manifests.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
+    install_openapi(fastapi_app)
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
     routers = (generations, health, models, metrics, provenance, consistency, reproduce, openai_images, a1111)
