@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ RENAMED = {
     "run_checks": "run_consistency_checks",
     "replay": "reproduce_generation",
 }
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 BEARER = {
     "type": "http",
     "scheme": "bearer",
@@ -44,9 +46,15 @@ def install_openapi(app: FastAPI) -> None:
             )
             spec.setdefault("components", {})["securitySchemes"] = {"bearer": BEARER}
             for path, operations in spec["paths"].items():
-                if path not in OPEN_PATHS:
-                    for operation in operations.values():
+                for operation in operations.values():
+                    if path not in OPEN_PATHS:
                         operation["security"] = [{"bearer": []}, {}]  # {}: servers without keys files
+                    # FastAPI's default 422 body is never what this server sends: routes declare their own
+                    # (the OpenAI route answers 400 instead), so a generated client gets no false model.
+                    if _FASTAPI_422 in json.dumps(operation.get("responses", {}).get("422", {})):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec["components"].get("schemas", {}).pop(name, None)
             app.openapi_schema = spec
         return app.openapi_schema
 
