@@ -114,7 +114,7 @@ def _model(body: Txt2ImgRequest) -> tuple[str | None, dict[str, Any]]:
                 param=f"override_settings.{name}",
             )
     if checkpoint is not None and not isinstance(checkpoint, str):
-        raise InvalidRequest("override_settings.sd_model_checkpoint must be a model id", PARAM_NAMES["model"])
+        raise InvalidRequest("override_settings.sd_model_checkpoint must be a model id", param=PARAM_NAMES["model"])
     return (_TITLE_HASH.sub("", checkpoint) if checkpoint else None), settings
 
 

@@ -76,7 +76,10 @@ def _from_validation(exc: RequestValidationError) -> SameseedError:
     if first.get("type") == "extra_forbidden":
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") == "missing":
-        return InvalidRequest(f"Missing required parameter: {param!r}." if param else "A JSON body is required.", param)
+        message = f"Missing required parameter: {param!r}." if param else "A JSON object body is required."
+        return InvalidRequest(message, param=param)
+    if param is None:
+        return InvalidRequest(f"The request body must be a JSON object: {first.get('msg')}.")
     return InvalidRequest(f"Invalid value for {param!r}: {first.get('msg')}.", param=param)
 
 

@@ -113,6 +113,9 @@ def test_the_checkpoint_override_picks_the_model(api):
         ({"sampler_name": "Euler", "scheduler": "Exponential"}, "scheduler"),
         ({"sampler_name": "DDIM"}, "eta"),  # webuiapi sends eta=1.0; Sameseed's DDIM runs with eta 0
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "override_settings.sd_model_checkpoint"),
+        ({"eta": 0.5}, "eta"),  # Euler a (webuiapi's default) runs with eta 1
+        ({"s_noise": 0.9}, "s_noise"),
         ({"cfg_scale": 99.0}, "cfg_scale"),
         ({"width": 65}, "width"),
         ({"batch_size": 3, "n_iter": 3}, "batch_size"),

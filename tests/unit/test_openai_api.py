@@ -210,3 +210,22 @@ def _waiting(live) -> int:
     text = httpx.get(f"{live.url}/metrics").text
     line = next(line for line in text.splitlines() if line.startswith("sameseed_queue_depth"))
     return int(float(line.split()[-1]))
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code"),
+    [
+        (b'{"n": 1}', "prompt", "invalid_request"),
+        (b"[]", None, "invalid_request"),
+        (b'{"prompt": "a",}', None, "malformed_request"),
+        (b'{"prompt": "a", "n": "2"}', "n", "invalid_request"),
+    ],
+)
+def test_raw_bodies_that_are_not_requests_are_400_in_openai_shape(live, raw, param, code):
+    response = httpx.post(
+        f"{live.url}/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
