@@ -261,9 +261,9 @@ def _server_options(command: argparse.ArgumentParser, required: bool = True) -> 
     command.add_argument("--api-key", default=None, help="Bearer key (default: $SAMESEED_API_KEY)")
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m app`."""
-    root = argparse.ArgumentParser(prog="python -m app", description="Sameseed deterministic image service")
+def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
+    """The argument parser of `python -m app` (and of the installed `sameseed` command)."""
+    root = argparse.ArgumentParser(prog=prog, description="Sameseed deterministic image service")
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start the HTTP server (settings: SAMESEED_* env vars)")
@@ -356,7 +356,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = parser().parse_args(argv)
+    installed = Path(sys.argv[0]).name == "sameseed"  # the console script, rather than `python -m app`
+    args = (parser("sameseed") if installed else parser()).parse_args(argv)
     try:
         return int(args.func(args))
     except ModuleNotFoundError as exc:  # a client-only install running a server command
