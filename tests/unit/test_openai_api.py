@@ -230,3 +230,15 @@ def test_raw_bodies_that_are_not_requests_are_400_in_openai_shape(live, raw, par
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_1_mib_is_413_in_openai_shape(live, chunked):
+    body = json.dumps({"prompt": "a" * (2 << 20)}).encode()
+    content = iter([body[i : i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+    response = httpx.post(
+        f"{live.url}/v1/images/generations", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "1 MiB" in error["message"]
