@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import app
-from app.api import consistency, generations, health, metrics, models, provenance, reproduce
+from app.api import a1111, consistency, generations, health, metrics, models, openai_images, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.limits import BodyLimitMiddleware
+from app.api.openapi import install_openapi, operation_id
 from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
 from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
@@ -91,10 +92,12 @@ def create_app(
         version=app.__version__,
         description="Deterministic Stable Diffusion generation with provenance manifests.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
+    install_openapi(fastapi_app)
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
-    routers = (generations, health, models, metrics, provenance, consistency, reproduce)
+    routers = (generations, health, models, metrics, provenance, consistency, reproduce, openai_images, a1111)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)

@@ -1,4 +1,4 @@
-"""The service's domain values: one type for a generation's parameters, one for an image's hashes.
+"""The service's domain values: a generation's parameters, an image's hashes, a golden case's verdict.
 
 Every layer uses these: the route converts the HTTP request into `GenerationParams`, the scheduler
 queues them, the worker renders them, the manifest records them; `ImageHashes` is the base of every
@@ -56,3 +56,18 @@ class ImageHashes:
     def hash_fields(self) -> dict[str, int | str]:
         """Just the ImageHashes fields of this record (of any subclass), to build another record from."""
         return {name: getattr(self, name) for name in ImageHashes.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One golden case on one worker: the verdict, expected vs actual hashes, and the error if it failed."""
+
+    case: str
+    model: str
+    reproducibility_key: str | None
+    state: str
+    expected_latent_sha256: str | None
+    actual_latent_sha256: str | None
+    expected_pixel_sha256: str | None
+    actual_pixel_sha256: str | None
+    error: str | None = None

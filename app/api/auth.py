@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.openai_images import OPENAI_PATH_PREFIX, openai_error_response
 from app.errors import Unauthorized
 from app.settings import Settings
 
@@ -102,6 +103,9 @@ class ApiKeyMiddleware:
             if not scheme
             else "the API key is not valid",
         )
+        if scope["path"].startswith(OPENAI_PATH_PREFIX):  # the OpenAI SDK's routes answer in OpenAI's shape
+            await openai_error_response(error)(scope, receive, send)
+            return
         await JSONResponse(error.body(), status_code=error.status, headers=error.headers())(scope, receive, send)
 
 

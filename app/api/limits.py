@@ -9,10 +9,13 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.openai_images import OPENAI_PATH_PREFIX, openai_error_response
 from app.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 << 20  # any route; POST /v1/verify and /v1/reproduce accept up to this
-ROUTE_BODY_LIMITS: Mapping[str, int] = {"/v1/generations": 1 << 20}  # a generation request is a few KB
+ROUTE_BODY_LIMITS: Mapping[str, int] = {  # a generation request is a few KB
+    path: 1 << 20 for path in ("/v1/generations", "/v1/images/generations", "/sdapi/v1/txt2img")
+}
 
 
 def describe(limit: int) -> str:
@@ -40,6 +43,9 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             error = PayloadTooLarge(message)
+            if scope["path"].startswith(OPENAI_PATH_PREFIX):  # the OpenAI SDK's routes answer in OpenAI's shape
+                await openai_error_response(error)(scope, receive, send)
+                return
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
         seen = 0

@@ -9,10 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
-from app.params import MAX_SEED, STRICT, ImageHashes
+from app.params import MAX_SEED, STRICT, CaseResult, ImageHashes
 from app.pipeline.samplers import SamplerName
 from app.provenance.manifest import Manifest
-from app.services.consistency import CaseResult
 
 MAX_IMAGES = 8
 

@@ -1,8 +1,13 @@
-"""Command line: serve, models list, models build."""
+"""The `sameseed` command line: client commands over HTTP or on files, and the server's own commands.
+
+Client commands (generate, health, golden run, baselines, verify, compare) need only `pip install .`;
+serve, models and bench need `pip install '.[server]'`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -172,28 +177,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify a PNG or manifest JSON offline against public keys; exit 0 valid, 1 not valid, 2 unusable input."""
-    import json
-
+    """Verify a PNG or manifest JSON against public keys; exit 0 valid, 1 not valid, 2 unusable input."""
+    from app.cli.client import RemoteError
     from app.provenance.png import PNG_SIGNATURE
-    from app.provenance.signing import load_public_keys
+    from app.provenance.signing import key_id, load_public_key, load_public_keys
     from app.provenance.verification import parse_manifest, verify_manifest, verify_png
 
+    if not args.public_key and not args.server:
+        print("sameseed: verify needs --public-key or --server", file=sys.stderr)
+        return 2
     try:
-        keys = {kid: key for source in args.public_key for kid, key in load_public_keys(source).items()}
+        keys = {kid: key for source in args.public_key or () for kid, key in load_public_keys(source).items()}
+        if args.server:
+            with _remote(args) as client:
+                served = [load_public_key(entry["public_key"]) for entry in client.public_keys()["keys"]]
+            keys.update({key_id(key): key for key in served})
         data = args.file.read_bytes()
         is_png = data.startswith(PNG_SIGNATURE)
         result = verify_png(data, keys) if is_png else verify_manifest(parse_manifest(data), keys)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RemoteError) as exc:
         print(f"sameseed: cannot verify: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.as_dict(), indent=2))
     return 0 if result.valid else 1
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m app`."""
-    root = argparse.ArgumentParser(prog="python -m app", description="Sameseed deterministic image service")
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate on a server; write each PNG and the response JSON into --out; exit 2 on a refused request."""
+    from pydantic import ValidationError
+
+    from app.api.schemas import GenerationRequest
+    from app.cli.client import RemoteError
+
+    fields = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "sampler": args.sampler,
+        "num_images": args.num_images,
+    }
+    try:
+        request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+        with _remote(args) as client:
+            response = client.generate(request)
+    except ValidationError as exc:
+        print(f"sameseed: invalid request: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"sameseed: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{response.id}.json").write_text(response.model_dump_json(indent=1) + "\n")
+    for image in response.images:
+        path = args.out / f"{response.id}-{image.index}.png"
+        path.write_bytes(base64.b64decode(image.png_base64 or ""))
+        print(f"{image.seed} {image.latent_sha256} {image.pixel_sha256} {path}")
+    print(f"reproducibility_key: {response.manifest.runtime.reproducibility_key}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Print a server's version and workers; exit 0 ready, 1 alive but not ready, 2 unreachable."""
+    from app.cli.client import RemoteError
+
+    try:
+        with _remote(args) as client:
+            health, ready = client.health(), client.ready()
+    except RemoteError as exc:
+        print(f"sameseed: {exc}", file=sys.stderr)
+        return 2
+    print(f"sameseed {health.version}: {'ready' if ready.ready else 'not ready'}, {ready.queue_depth} waiting")
+    for worker in ready.workers:
+        print(f"{worker.id:6} {worker.state:12} {worker.device:8} consistency={worker.consistency}")
+    return 0 if ready.ready else 1
+
+
+def _server_options(command: argparse.ArgumentParser, required: bool = True) -> None:
+    command.add_argument("--server", required=required, help="base URL, e.g. http://gpu-box:8000")
+    command.add_argument("--api-key", default=None, help="Bearer key (default: $SAMESEED_API_KEY)")
+
+
+def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
+    """The argument parser of `python -m app` (and of the installed `sameseed` command)."""
+    root = argparse.ArgumentParser(prog=prog, description="Sameseed deterministic image service")
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start the HTTP server (settings: SAMESEED_* env vars)")
@@ -246,10 +317,29 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--public-key",
         action="append",
-        required=True,
         help="a public key PEM file, a saved GET /v1/keys JSON, or base64 of the raw key; repeatable",
     )
+    _server_options(verify, required=False)
     verify.set_defaults(func=cmd_verify)
+
+    generate = commands.add_parser("generate", help="generate on a server; save the PNGs and the response")
+    _server_options(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--model", default=None, help="registry id (default: the server's default model)")
+    generate.add_argument("--seed", type=int, default=None, help="default: the server draws one")
+    generate.add_argument("--steps", type=int, default=None)
+    generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument("--width", type=int, default=None)
+    generate.add_argument("--height", type=int, default=None)
+    generate.add_argument("--sampler", default=None, help="e.g. euler_a, dpmpp_2m (GET /v1/samplers)")
+    generate.add_argument("--num-images", type=int, default=None)
+    generate.add_argument("--out", type=Path, default=Path("."), help="folder for <id>-<k>.png and <id>.json")
+    generate.set_defaults(func=cmd_generate)
+
+    health = commands.add_parser("health", help="a server's version, readiness and workers")
+    _server_options(health)
+    health.set_defaults(func=cmd_health)
 
     compare = commands.add_parser("compare", help="compare generations across machines: key fields, hashes, drift")
     compare.add_argument("files", nargs="+", type=Path, help="2+ manifest JSON, /v1/generations response or PNG files")
@@ -267,5 +357,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = parser().parse_args(argv)
-    return int(args.func(args))
+    installed = Path(sys.argv[0]).name == "sameseed"  # the console script, rather than `python -m app`
+    args = (parser("sameseed") if installed else parser()).parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:  # a client-only install running a server command
+        print(
+            f"sameseed: {args.command} needs the server's dependencies ({exc.name} is missing): "
+            "pip install 'sameseed[server]'",
+            file=sys.stderr,
+        )
+        return 2

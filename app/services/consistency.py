@@ -13,10 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic.dataclasses import dataclass as pydantic_dataclass
-
 from app.models.registry import Registry
-from app.params import GenerationParams
+from app.params import CaseResult, GenerationParams
 from app.provenance.golden import Baseline, BaselineStore, GoldenCase, GoldenSuite, summarize
 from app.scheduler.dispatcher import Dispatcher
 from app.scheduler.work import Priority, Work, WorkState, utc_now
@@ -25,21 +23,6 @@ from app.worker.messages import WorkerReady
 from app.worker.pool import COMING, SERVING, WorkerEvent, WorkerExited, WorkerHandle, WorkerState
 
 log = logging.getLogger("app.services.consistency")
-
-
-@pydantic_dataclass(frozen=True)
-class CaseResult:
-    """One golden case on one worker: expected vs actual hashes and the verdict."""
-
-    case: str
-    model: str
-    reproducibility_key: str | None
-    state: str
-    expected_latent_sha256: str | None
-    actual_latent_sha256: str | None
-    expected_pixel_sha256: str | None
-    actual_pixel_sha256: str | None
-    error: str | None = None
 
 
 @dataclass

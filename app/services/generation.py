@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from app.errors import InvalidRequest, ModelNotFound, SameseedError
 from app.models.registry import Registry
 from app.params import MAX_SEED, GenerationParams
 from app.provenance.hashes import latents_from_bytes
-from app.provenance.manifest import Manifest, manifest_for
+from app.provenance.manifest import Manifest, ManifestWarning, manifest_for
 from app.scheduler.dispatcher import Disconnected, Dispatcher
 from app.scheduler.work import Priority, Work, utc_now
 from app.store.archive import Archive
@@ -194,15 +195,22 @@ class GenerationService:
         reproducibility_key: str | None = None,
         received_at: str | None = None,
         disconnected: Disconnected | None = None,
+        notes: Sequence[ManifestWarning] = (),
     ) -> StoredGeneration:
-        """Generate, then sign, embed and store durably before answering: a returned generation survives SIGKILL."""
+        """Generate, then sign, embed and store durably before answering: a returned generation survives SIGKILL.
+
+        `notes` join the manifest's warnings before signing (what a front door accepted without effect).
+        """
         generation = await self.generate(
             params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
         )
+        manifest = generation.manifest
+        if notes:
+            manifest = manifest.model_copy(update={"warnings": [*manifest.warnings, *notes]})
         assert self.archive is not None, "create() needs an archive"
         archived = await asyncio.to_thread(
             self.archive.record,
-            generation.manifest,
+            manifest,
             [image.png for image in generation.images],
             [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
         )
