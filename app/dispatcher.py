@@ -193,6 +193,7 @@ class Dispatcher:
         self.max_queue = max_queue
         self.job_timeout_s = job_timeout_s
         self.metrics = metrics or Metrics()
+        self.metrics.queue_limit.set(max_queue)
         self.consistency = consistency
         self.pool: Pool | None = None
         self.draining = False
@@ -443,11 +444,12 @@ class Dispatcher:
             return
         worker.jobs_done += 1
         self.metrics.worker_jobs.labels(worker=worker.id).inc()
-        self.metrics.generation.observe(event.seconds)
         model = event.model.get("id", "?")
+        self.metrics.generation.labels(model=model).observe(event.seconds)
         self.metrics.images.labels(model=model).inc()
+        upcasts = self.metrics.vae_upcasts.labels(model=model)  # exported at 0: increase() sees the first upcast
         if getattr(event, "vae_upcast", False):
-            self.metrics.vae_upcasts.labels(model=model).inc()
+            upcasts.inc()
         job = self._jobs.get(event.job_id)
         if job is None or job.done:
             return
