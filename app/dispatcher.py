@@ -606,6 +606,9 @@ class Dispatcher:
     def _sync_metrics(self) -> None:
         self.metrics.queue_depth.set(self.waiting_jobs())
         self.metrics.images_pending.set(len(self._pending))
+        self.metrics.set_worker_keys(
+            {w.id: {m: info.get("reproducibility_key") for m, info in w.models.items()} for w in self.workers()}
+        )
         for worker in self.workers():
             self.metrics.set_worker_state(worker.id, worker.state.value)
             seen = self._restarts_seen.get(worker.id, 0)

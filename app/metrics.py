@@ -35,6 +35,10 @@ class Metrics:
         self.worker_state = Gauge(
             "sameseed_worker_state", "1 for the state each worker is in", ["worker", "state"], registry=r
         )
+        self.worker_keys = Gauge(
+            "sameseed_worker_key_info", "1 for each model a worker has loaded, with its reproducibility key",
+            ["worker", "model", "reproducibility_key"], registry=r,
+        )
         self.worker_busy = Counter(
             "sameseed_worker_busy_seconds", "Seconds each worker spent generating", ["worker"], registry=r
         )
@@ -82,3 +86,10 @@ class Metrics:
         for name in WORKER_STATES:
             self.worker_state.labels(worker=worker, state=name).set(1 if name == state else 0)
         self.worker_restarts.labels(worker=worker)  # present at 0, so increase() sees the first restart
+
+    def set_worker_keys(self, keys: dict[str, dict[str, str | None]]) -> None:
+        """Export worker -> {model: reproducibility key} as the whole current set (a reloaded worker drops its old key)."""
+        self.worker_keys.clear()
+        for worker, models in keys.items():
+            for model, key in models.items():
+                self.worker_keys.labels(worker=worker, model=model, reproducibility_key=key or "").set(1)
