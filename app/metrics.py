@@ -88,7 +88,7 @@ class Metrics:
         self.worker_restarts.labels(worker=worker)  # present at 0, so increase() sees the first restart
 
     def set_worker_keys(self, keys: dict[str, dict[str, str | None]]) -> None:
-        """Export worker -> {model: reproducibility key} as the whole current set (a reloaded worker drops its old key)."""
+        """Export worker -> {model: reproducibility key} as the whole set (a reloaded worker drops its old key)."""
         self.worker_keys.clear()
         for worker, models in keys.items():
             for model, key in models.items():

@@ -186,9 +186,10 @@ def dashboard_queries():
 @pytest.mark.slow
 def test_a_wrong_golden_baseline_fires_the_drift_alert_pages_and_resolves(make_server, tmp_path, alertmanager,
                                                                           webhook):
-    srv = make_server("monitored").start()
-    prometheus = start_prometheus(tmp_path, srv.url, alertmanager.url)
+    srv = make_server("monitored")
+    prometheus = start_prometheus(tmp_path, srv.url, alertmanager.url)  # scrapes from the server's first answer
     try:
+        srv.start()
         # 1. Scraped and quiet: the start-up check recorded baselines; no alert of the kit fires.
         poll(lambda: query(prometheus, 'sameseed_consistency_state{job="sameseed", state="drifted"} == 0'),
              "first scrape")
