@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import yaml
 
+from app.launcher import ROOT
 from app.metrics import Metrics
-from tests.integration.conftest import ROOT
 
 KIT = ROOT / "deploy" / "monitoring"
 RULE_FILES = sorted((KIT / "rules").glob("*.yml"))
