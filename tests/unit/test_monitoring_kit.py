@@ -127,3 +127,15 @@ def test_compose_monitoring_profile_pins_official_images_and_mounts_the_kit():
             if source.startswith("./"):
                 assert (ROOT / source).exists(), f"{name} mounts a missing {source}"
         assert all(port.split(":")[0].startswith("${") for port in service["ports"]), "published ports are settable"
+
+
+def test_the_readme_scrape_config_for_your_own_prometheus_is_valid(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**With your own Prometheus.**"):]
+    snippet = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    (tmp_path / "prometheus.yml").write_text(snippet)
+    for path in RULE_FILES:
+        shutil.copy(path, tmp_path)
+    checked = run(tool("promtool"), "check", "config", "prometheus.yml", cwd=tmp_path)
+    assert checked.returncode == 0 and "SUCCESS: 10 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert yaml.safe_load(snippet)["scrape_configs"][0]["job_name"] == "sameseed"
