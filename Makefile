@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv clean
+.PHONY: serve test lint bench venv dev-venv monitoring-tools clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,20 @@ serve: venv
 lint: dev-venv
 	$(VENV)/bin/python -m ruff check .
 
-test: lint
+test: lint monitoring-tools
 	$(VENV)/bin/python -m pytest
+
+# The monitoring tests run Debian's Prometheus tools (README "Monitoring"); installed only when one is missing.
+# On a host with systemd the packages also enable their own services (Prometheus on :9090): CI containers have none.
+MONITORING_TOOLS := prometheus promtool prometheus-alertmanager amtool
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+monitoring-tools:
+	@missing=""; for tool in $(MONITORING_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian's prometheus and prometheus-alertmanager packages for the monitoring tests (missing:$$missing)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
+	fi
 
 bench: venv
 	$(VENV)/bin/python -m app bench

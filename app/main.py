@@ -129,7 +129,10 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
     """Route every error through the one error body."""
 
     @fastapi_app.exception_handler(SameseedError)
-    async def _domain(_: Request, exc: SameseedError) -> JSONResponse:
+    async def _domain(request: Request, exc: SameseedError) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:  # 429s and storage failures feed the alert rules
+            metrics.errors.labels(type=exc.type).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @fastapi_app.exception_handler(RequestValidationError)

@@ -49,6 +49,7 @@ class Dispatcher:
         self.max_queue = max_queue
         self.job_timeout_s = job_timeout_s
         self.metrics = metrics or Metrics()
+        self.metrics.queue_limit.set(max_queue)
         self.draining = False
         self._works: dict[str, Work] = {}
         self._pending: list[tuple[int, int, Work, int]] = []  # (priority, arrival, work, image index), sorted
@@ -265,10 +266,11 @@ class Dispatcher:
         if work.priority is Priority.USER:
             model = event.model.get("id", "?")
             self.metrics.worker_jobs.labels(worker=worker.id).inc()
-            self.metrics.generation.observe(event.seconds)
+            self.metrics.generation.labels(model=model).observe(event.seconds)
             self.metrics.images.labels(model=model).inc()
+            upcasts = self.metrics.vae_upcasts.labels(model=model)  # exported at 0: increase() sees the first upcast
             if event.image.vae_upcast:
-                self.metrics.vae_upcasts.labels(model=model).inc()
+                upcasts.inc()
         work.results[event.image.index] = event
         if work.complete:
             self._complete(work)
@@ -330,6 +332,9 @@ class Dispatcher:
     def _sync_metrics(self) -> None:
         self.metrics.queue_depth.set(self.waiting_jobs())
         self.metrics.images_pending.set(len(self._pending))
+        self.metrics.set_worker_keys(
+            {w.id: {m: info.get("reproducibility_key") for m, info in w.models.items()} for w in self.workers()}
+        )
         for worker in self.workers():
             self.metrics.set_worker_state(worker.id, worker.state.value)
             seen = self._restarts_seen.get(worker.id, 0)

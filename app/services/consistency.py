@@ -61,6 +61,7 @@ class ConsistencyMonitor:
         self.interval_s = interval_s
         self.quarantine_on_drift = quarantine_on_drift
         self.workers: dict[str, WorkerConsistency] = {}
+        metrics.consistency_interval.set(interval_s)
         self.dispatcher: Dispatcher | None = None
         self._runs: dict[str, GoldenRun] = {}  # in flight, by worker id
         self._periodic: asyncio.Task[None] | None = None
@@ -242,6 +243,7 @@ class ConsistencyMonitor:
         record.checks_run += 1
         record.mismatches += mismatches
         self.metrics.consistency_checks.labels(worker=run.worker_id).inc()
+        self.metrics.consistency_last_check.labels(worker=run.worker_id).set_to_current_time()
         if mismatches:
             self.metrics.consistency_mismatches.labels(worker=run.worker_id).inc(mismatches)
             log.warning("worker %s drifted on %d golden cases", run.worker_id, mismatches)

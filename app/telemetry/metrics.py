@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 CONSISTENCY_STATES = ("consistent", "baseline_recorded", "drifted", "unchecked")
 WORKER_STATES = ("starting", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
+# Error types exported at 0 from the start: increase() in the alert rules then sees the very first one.
+ALERTED_ERRORS = ("queue_full", "storage_unavailable")
 
 
 class Metrics:
@@ -16,6 +18,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("sameseed_queue_depth", "Requests admitted and not yet started", registry=r)
+        self.queue_limit = Gauge("sameseed_queue_limit", "Waiting requests beyond which new ones get 429", registry=r)
         self.images_pending = Gauge("sameseed_images_pending", "Images waiting for a worker", registry=r)
         self.jobs = Counter("sameseed_jobs", "Generation requests by outcome", ["outcome"], registry=r)
         self.images = Counter("sameseed_images", "Images generated", ["model"], registry=r)
@@ -23,13 +26,18 @@ class Metrics:
             "sameseed_queue_wait_seconds", "Admission to first image started", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.generation = Histogram(
-            "sameseed_generation_seconds", "One image inside a worker", buckets=_LATENCY_BUCKETS, registry=r
+            "sameseed_generation_seconds", "One image inside a worker", ["model"], buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.end_to_end = Histogram(
             "sameseed_request_seconds", "Admission to answer, successful requests", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.worker_state = Gauge(
             "sameseed_worker_state", "1 for the state each worker is in", ["worker", "state"], registry=r
+        )
+        self.worker_keys = Gauge(
+            "sameseed_worker_key_info", "1 for each model a worker has loaded, with its reproducibility key",
+            ["worker", "model", "reproducibility_key"], registry=r,
         )
         self.worker_busy = Counter(
             "sameseed_worker_busy_seconds", "Seconds each worker spent generating", ["worker"], registry=r
@@ -40,6 +48,11 @@ class Metrics:
         self.vae_upcasts = Counter(
             "sameseed_vae_upcasts", "Images whose decode gave NaN/Inf and was redone in fp32", ["model"], registry=r
         )
+        self.errors = Counter(
+            "sameseed_errors", "Service errors answered (SameseedError), by the error body's type", ["type"], registry=r
+        )
+        for error_type in ALERTED_ERRORS:
+            self.errors.labels(type=error_type)
 
         self.consistency_state = Gauge(
             "sameseed_consistency_state",
@@ -54,6 +67,14 @@ class Metrics:
             "sameseed_consistency_mismatches", "Golden cases whose hashes differed from the baseline", ["worker"],
             registry=r,
         )
+        self.consistency_last_check = Gauge(
+            "sameseed_consistency_last_check_timestamp_seconds", "Unix time each worker's last golden run finished",
+            ["worker"], registry=r,
+        )
+        self.consistency_interval = Gauge(
+            "sameseed_consistency_interval_seconds", "Seconds between golden runs per worker; 0: only at start",
+            registry=r,
+        )
 
     def set_consistency_state(self, worker: str, state: str) -> None:
         """Mark `state` as the one golden-check state of `worker`."""
@@ -61,6 +82,14 @@ class Metrics:
             self.consistency_state.labels(worker=worker, state=name).set(1 if name == state else 0)
 
     def set_worker_state(self, worker: str, state: str) -> None:
-        """Mark `state` as the one current state of `worker`."""
+        """Mark `state` as the one current state of `worker` (and export its restart count from 0)."""
         for name in WORKER_STATES:
             self.worker_state.labels(worker=worker, state=name).set(1 if name == state else 0)
+        self.worker_restarts.labels(worker=worker)  # present at 0, so increase() sees the first restart
+
+    def set_worker_keys(self, keys: dict[str, dict[str, str | None]]) -> None:
+        """Export worker -> {model: reproducibility key} as the whole set (a reloaded worker drops its old key)."""
+        self.worker_keys.clear()
+        for worker, models in keys.items():
+            for model, key in models.items():
+                self.worker_keys.labels(worker=worker, model=model, reproducibility_key=key or "").set(1)

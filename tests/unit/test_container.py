@@ -82,6 +82,11 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
 
 
+def sameseed_services() -> list[dict]:
+    """The services that run the Sameseed image (not the `monitoring` profile's Prometheus and Grafana)."""
+    return [s for s in compose()["services"].values() if s["image"].startswith("sameseed:")]
+
+
 def setting_names() -> set[str]:
     return {f"SAMESEED_{name.upper()}" for name in Settings.model_fields}
 
@@ -159,7 +164,7 @@ def test_image_environment_names_only_real_settings_and_valid_values(tmp_path):
     assert set(sameseed) <= setting_names()
     # the values parse as settings: the image's own, plus what each compose service adds
     image_only = {"SAMESEED_DATA_DIR": str(tmp_path)}
-    for service in compose()["services"].values():
+    for service in sameseed_services():
         environment = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in service["environment"].items()}
         assert set(environment) <= setting_names()
         merged = {**sameseed, **environment, **image_only}
@@ -200,7 +205,7 @@ def test_healthcheck_asks_readyz_of_the_app_on_the_configured_port(tmp_path):
     with TestClient(application) as client:
         assert client.get(path).status_code == 200  # the app answers it, 200 once a worker is ready
     # compose repeats the image's health check: the two must not drift apart
-    for service in compose()["services"].values():
+    for service in sameseed_services():
         assert service["healthcheck"]["test"] == ["CMD", *command]
 
 
