@@ -1,13 +1,22 @@
-"""The provenance manifest (versioned schema) and its canonical JSON form."""
+"""The provenance manifest (versioned schema) and its canonical JSON form.
+
+Format 2 (`sameseed.manifest/2`, what the service writes) is signed over RFC 8785 canonical bytes
+and keeps non-finite floats losslessly as `{"$float": ...}` (see `app.provenance.canonical`);
+format 1 was signed over Python's `canonical_json`, where such floats had become `null`.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MANIFEST_FORMAT = "sameseed.manifest/1"
+from app.provenance.canonical import encode_floats
+
+MANIFEST_FORMAT_1 = "sameseed.manifest/1"
+MANIFEST_FORMAT = "sameseed.manifest/2"
+MANIFEST_FORMATS = (MANIFEST_FORMAT_1, MANIFEST_FORMAT)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -55,6 +64,12 @@ class ManifestScheduler(_Part):
     class_name: str
     config: dict[str, Any]
 
+    # Diffusers configs hold -inf (DPM-Solver's lambda_min_clipped): keep it, not JSON's null.
+    @field_validator("config", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
+
 
 class ManifestModel(_Part):
     """Model identity: where it was loaded from and the sha256 of every file."""
@@ -74,6 +89,11 @@ class ManifestModel(_Part):
     dtype: str
     files: dict[str, str] = Field(description="Relative path -> sha256 of every component file.")
     scheduler_config: dict[str, Any] = Field(description="The model's own scheduler config.")
+
+    @field_validator("scheduler_config", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
 
 
 class ManifestRuntime(BaseModel):
@@ -136,7 +156,7 @@ class ManifestTimestamps(_Part):
 
 
 class ManifestSignature(_Part):
-    """Ed25519 signature over the canonical JSON of the manifest without this field."""
+    """Ed25519 signature over the canonical bytes of the manifest without this field (format 2: RFC 8785)."""
 
     algorithm: Literal["ed25519"]
     key_id: str = Field(description="First 16 hex digits of sha256 of the raw public key (GET /v1/keys).")
@@ -146,7 +166,7 @@ class ManifestSignature(_Part):
 class Manifest(_Part):
     """Everything that made a generation, in a versioned schema."""
 
-    format: Literal["sameseed.manifest/1"] = MANIFEST_FORMAT
+    format: Literal["sameseed.manifest/1", "sameseed.manifest/2"] = MANIFEST_FORMAT
     id: str
     service: dict[str, str]
     timestamps: ManifestTimestamps
@@ -160,6 +180,11 @@ class Manifest(_Part):
         default=None, description="Extra conditioning passed to the pipeline (SDXL: size and crop), as passed."
     )
     signature: ManifestSignature | None = None
+
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
 
     def canonical(self) -> bytes:
         """The canonical JSON bytes of this manifest."""
