@@ -47,7 +47,7 @@ _TRUSTED = "Trusted"
 _VALID_STATES = frozenset({"Valid", _TRUSTED})
 
 # No thumbnail (the PNG is its own), and reading never reaches the network: no OCSP, no remote manifest.
-_SIGN_SETTINGS: dict[str, Any] = {"builder": {"thumbnail": {"enabled": False}}}
+_SIGN_SETTINGS: dict[str, Any] = {"builder": {"thumbnail": {"enabled": False}}, "verify": {"verify_after_sign": False}}
 _READ_SETTINGS: dict[str, Any] = {"verify": {"ocsp_fetch": False, "remote_manifest_fetch": False}}
 
 
