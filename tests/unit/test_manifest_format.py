@@ -3,6 +3,8 @@
 import base64
 import json
 import math
+import shutil
+import subprocess
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,11 +15,12 @@ from app.cli import main
 from app.provenance.canonical import FLOAT_TAG, decode_floats, encode_floats, jcs, restore_floats
 from app.provenance.manifest import ManifestScheduler, canonical_json
 from app.provenance.png import MANIFEST_KEYWORD, embed_provenance, read_texts
-from app.provenance.signing import Signer, load_public_keys, verify_signature
+from app.provenance.signing import PublicKeyEntry, Signer, load_public_keys, verify_signature
 from app.provenance.verification import verify_png
 from tests.samples import sample_generation
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "manifest-format-1"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "manifest-format-1"
 
 
 # ---------------------------------------------------------------- an independent RFC 8785 implementation
@@ -147,3 +150,27 @@ def test_format1_png_from_before_still_verifies(capsys):
     assert main(["verify", str(FIXTURE / "image-0.png"), "--public-key", str(FIXTURE / "keys.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["valid"] is True and printed["c2pa"]["present"] is False
+
+
+def test_a_javascript_verifier_with_a_maintained_jcs_package_accepts_format2_and_refuses_a_forgery(tmp_path):
+    """tests/js/verify_manifest.mjs: npm's `canonicalize` (RFC 8785) and node:crypto's Ed25519, no Sameseed code."""
+    verifier = ROOT / "tests" / "js" / "verify_manifest.mjs"
+    assert shutil.which("node"), "node is needed for the cross-language check"
+    assert (verifier.parent / "node_modules" / "canonicalize").is_dir(), "run `make dev-venv` (npm ci in tests/js)"
+    signer = Signer(Ed25519PrivateKey.generate())
+    document, _ = format2_manifest(signer)
+    entry = PublicKeyEntry(signer.key_id, signer.public_key, True).describe()
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": [entry]}))
+    forged = json.loads(json.dumps(document))
+    forged["request"]["guidance_scale"] = 7.5
+    for name, manifest, expected in (("manifest.json", document, 0), ("forged.json", forged, 1)):
+        # the manifest as a client received it: Python's JSON text, which JavaScript parses its own way
+        (tmp_path / name).write_bytes(canonical_json(manifest))
+        run = subprocess.run(
+            ["node", str(verifier), str(tmp_path / name), str(tmp_path / "keys.json")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == expected, run.stdout + run.stderr
+        assert run.stdout.startswith("valid" if expected == 0 else "invalid")
