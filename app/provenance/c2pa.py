@@ -364,7 +364,7 @@ def read_content_credentials(png: bytes, trust_anchors_pem: bytes | None = None)
         active = reader.get_active_manifest() or {}
         state = reader.get_validation_state()
         results = (reader.get_validation_results() or {}).get("activeManifest") or {}
-    except c2pa.C2paError as exc:
+    except (c2pa.C2paError, ValueError, OSError) as exc:  # whatever the bytes hold, the verifier answers
         if "ManifestNotFound" in type(exc).__name__ or "no JUMBF" in str(exc):
             return C2paCheck(present=False, reason="the PNG carries no C2PA manifest store")
         reason = f"the C2PA manifest store is unreadable: {exc}"
