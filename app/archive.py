@@ -138,10 +138,10 @@ class Archive:
         self, manifest: Manifest, pngs: Sequence[bytes], latents: Sequence[numpy.ndarray | None] = ()
     ) -> Archived:
         """Sign, embed, write the files (and latents) durably, then commit the ledger rows (blocking)."""
-        signed = self.keys.signer.sign(manifest)
-        document = signed.model_dump(mode="json")
         if self._c2pa is None:
             raise RuntimeError("the archive is not started")
+        signed = self.keys.signer.sign(manifest)
+        document = signed.model_dump(mode="json")
         # The C2PA store goes in last: its hard binding covers every other byte, the iTXt manifest included.
         embedded = [
             self._c2pa.sign_png(embed_provenance(png, document, image.index), document, image.index)

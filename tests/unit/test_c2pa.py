@@ -20,7 +20,15 @@ from pydantic import ValidationError
 
 from app.main import create_app
 from app.provenance.c2pa import DIGITAL_SOURCE_TYPE, C2paCredentialsError, manifest_sha256
-from app.provenance.png import MANIFEST_KEYWORD, PARAMETERS_KEYWORD, PNG_SIGNATURE, _chunk, chunks, read_texts
+from app.provenance.png import (
+    MANIFEST_KEYWORD,
+    PARAMETERS_KEYWORD,
+    PNG_SIGNATURE,
+    _chunk,
+    chunks,
+    embed_texts,
+    read_texts,
+)
 from app.settings import Settings
 from tests.fakes import FakePool
 
@@ -130,6 +138,18 @@ def test_one_changed_pixel_breaks_the_hard_binding(client):
     assert result["pixels_match"] is False and not result["valid"]
     assert result["c2pa"]["valid"] is False
     assert "assertion.dataHash.mismatch" in result["c2pa"]["validation_status"]["failure"]
+
+
+def test_credentials_moved_onto_another_generations_png_do_not_name_its_manifest(client):
+    first, png = generate_png(client, seed=1)
+    second, _ = generate_png(client, seed=2)
+    # the first PNG, C2PA store kept, made to embed the second generation's (validly signed) manifest
+    swapped = embed_texts(png, {MANIFEST_KEYWORD: json.dumps(second["manifest"])})
+    assert any(kind == b"caBX" for kind, _ in chunks(swapped))
+    result = client.post("/v1/verify", content=swapped, headers={"content-type": "image/png"}).json()
+    assert result["signature_valid"] and result["generation_id"] == second["id"]
+    assert result["c2pa"]["matches_manifest"] is False and result["c2pa"]["sameseed"]["generation_id"] == first["id"]
+    assert result["c2pa"]["valid"] is False and "another Sameseed manifest" in result["c2pa"]["reason"]
 
 
 def test_development_signer_is_made_once_and_kept(tmp_path):
