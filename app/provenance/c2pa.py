@@ -63,6 +63,7 @@ class C2paCredentials:
     key_pem: bytes = field(repr=False)
     algorithm: str
     development: bool
+    source: str = ""  # the certificate file, for messages
 
     def signer_name(self) -> str:
         """The signing certificate's subject common name (what C2PA tools show as the signer)."""
@@ -100,7 +101,7 @@ def load_credentials(cert_file: Path, key_file: Path) -> C2paCredentials:
     algorithm = _algorithm(key, key_file)
     if chain[0].public_key() != key.public_key():
         raise C2paCredentialsError(f"the first certificate of {cert_file} is not for the key in {key_file}")
-    return C2paCredentials(chain_pem, key_pem, algorithm, development=False)
+    return C2paCredentials(chain_pem, key_pem, algorithm, development=False, source=str(cert_file))
 
 
 def _name(common_name: str) -> x509.Name:
@@ -194,7 +195,9 @@ def development_credentials(keys_dir: Path) -> C2paCredentials:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     credentials = load_credentials(folder / CHAIN_NAME, folder / KEY_NAME)
-    return C2paCredentials(credentials.chain_pem, credentials.key_pem, credentials.algorithm, development=True)
+    return C2paCredentials(
+        credentials.chain_pem, credentials.key_pem, credentials.algorithm, development=True, source=credentials.source
+    )
 
 
 def manifest_sha256(signed_manifest: Mapping[str, Any]) -> str:
@@ -259,7 +262,7 @@ class ContentCredentials:
                 c2pa.C2paSignerInfo(credentials.algorithm, credentials.chain_pem, credentials.key_pem, None)
             )
         except c2pa.C2paError as exc:
-            raise C2paCredentialsError(f"the C2PA SDK refuses the signing credentials: {exc}") from None
+            raise C2paCredentialsError(f"the C2PA SDK refuses the signer in {credentials.source}: {exc}") from None
         self._lock = threading.Lock()
 
     def sign_png(self, png: bytes, signed_manifest: Mapping[str, Any], index: int) -> bytes:
@@ -287,12 +290,12 @@ class ContentCredentials:
             with self._lock:
                 builder.sign(self._signer, "image/png", io.BytesIO(probe), out)
         except c2pa.C2paError as exc:
-            raise C2paCredentialsError(f"the C2PA SDK cannot sign with these credentials: {exc}") from None
+            raise C2paCredentialsError(f"the C2PA SDK cannot sign with {self.credentials.source}: {exc}") from None
         result = read_content_credentials(out.getvalue())
         broken = [code for code in result.failures if code != "signingCredential.untrusted"]
         if not result.valid or broken:
             raise C2paCredentialsError(
-                f"images signed with these C2PA credentials do not validate: {', '.join(broken) or result.reason}"
+                f"images signed with {self.credentials.source} do not validate: {', '.join(broken) or result.reason}"
             )
 
 
