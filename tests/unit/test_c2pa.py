@@ -249,18 +249,16 @@ def test_unusable_c2pa_credentials_stop_the_start_naming_the_file(tmp_path):
         pass
 
 
-def test_offline_verify_command_reports_c2pa_and_trusts_a_given_anchor(tmp_path, capsys):
-    from app.cli import main
+def test_offline_verify_command_reports_c2pa_and_trusts_a_given_anchor(tmp_path):
+    from tests.unit.test_manifest_format import verify_command
 
     with make_client(tmp_path / "data") as client:
         _, png = generate_png(client)
         (tmp_path / "keys.json").write_text(client.get("/v1/keys").text)
     (tmp_path / "image.png").write_bytes(png)
-    command = ["verify", str(tmp_path / "image.png"), "--public-key", str(tmp_path / "keys.json")]
-    assert main(command) == 0
-    untrusted = json.loads(capsys.readouterr().out)["c2pa"]
-    assert untrusted["valid"] and untrusted["trusted"] is False
+    command = [tmp_path / "image.png", "--public-key", tmp_path / "keys.json"]
+    code, printed = verify_command(*command)
+    assert code == 0 and printed["c2pa"]["valid"] and printed["c2pa"]["trusted"] is False
     anchor = tmp_path / "data" / "keys" / "c2pa" / "development-ca.pem"
-    assert main([*command, "--c2pa-trust-anchors", str(anchor)]) == 0
-    trusted = json.loads(capsys.readouterr().out)["c2pa"]
-    assert trusted["validation_state"] == "Trusted" and trusted["trusted"] is True
+    code, printed = verify_command(*command, "--c2pa-trust-anchors", anchor)
+    assert code == 0 and printed["c2pa"]["validation_state"] == "Trusted" and printed["c2pa"]["trusted"] is True

@@ -5,13 +5,13 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from app.cli import main
 from app.provenance.canonical import FLOAT_TAG, decode_floats, encode_floats, jcs, restore_floats
 from app.provenance.manifest import ManifestScheduler, canonical_json
 from app.provenance.png import MANIFEST_KEYWORD, embed_provenance, read_texts
@@ -139,7 +139,14 @@ def test_a_manifest_relabelled_to_another_format_does_not_verify():
     assert not check.valid and "unsupported manifest format" in check.reason
 
 
-def test_format1_png_from_before_still_verifies(capsys):
+def verify_command(*args):
+    """`python -m app verify ...` as a user runs it: exit code and the JSON it printed."""
+    command = [sys.executable, "-m", "app", "verify", *map(str, args)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run.returncode, json.loads(run.stdout) if run.stdout else run.stderr
+
+
+def test_format1_png_from_before_still_verifies():
     png = (FIXTURE / "image-0.png").read_bytes()
     result = verify_png(png, load_public_keys(str(FIXTURE / "keys.json")))
     assert result.manifest["format"] == "sameseed.manifest/1"
@@ -147,9 +154,8 @@ def test_format1_png_from_before_still_verifies(capsys):
     assert result.c2pa is not None and result.c2pa.present is False
     # format 1 had turned -inf into null; that manifest stays as it was signed
     assert result.manifest["scheduler"]["config"]["lambda_min_clipped"] is None
-    assert main(["verify", str(FIXTURE / "image-0.png"), "--public-key", str(FIXTURE / "keys.json")]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["valid"] is True and printed["c2pa"]["present"] is False
+    code, printed = verify_command(FIXTURE / "image-0.png", "--public-key", FIXTURE / "keys.json")
+    assert code == 0 and printed["valid"] is True and printed["c2pa"]["present"] is False
 
 
 def test_a_javascript_verifier_with_a_maintained_jcs_package_accepts_format2_and_refuses_a_forgery(tmp_path):
