@@ -7,11 +7,13 @@ import base64
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from app.samplers import SAMPLERS
-from tests.integration.conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def restore(o):
