@@ -17,9 +17,10 @@ $(STAMP): requirements.lock
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $(STAMP)
 
-$(DEV_STAMP): $(STAMP) requirements-dev.lock
-	@echo "Adding the test tools from requirements-dev.lock"
+$(DEV_STAMP): $(STAMP) requirements-dev.lock tests/js/package-lock.json
+	@echo "Adding the test tools from requirements-dev.lock, and the JavaScript verifier's RFC 8785 package"
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	npm ci --prefix tests/js --no-audit --no-fund --silent
 	@touch $(DEV_STAMP)
 
 serve: venv

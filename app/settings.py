@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.provenance.golden import EMBEDDED_SUITE
@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="API keys, one per line (plain or sha256:<hex>); set: Bearer auth required."
     )
+    c2pa_cert_file: Path | None = Field(
+        default=None,
+        description="C2PA signing certificate chain (PEM, signing certificate first); with c2pa_key_file. "
+        "Absent: a development CA and signer made once in the data dir (untrusted by C2PA tools).",
+    )
+    c2pa_key_file: Path | None = Field(default=None, description="The C2PA signing certificate's private key (PEM).")
+    c2pa_trust_anchors_file: Path | None = Field(
+        default=None, description="CA certificates (PEM) whose C2PA signers POST /v1/verify reports as trusted."
+    )
     retention_days: Annotated[float | None, Field(gt=0)] = Field(
         default=None, description="Prune image files older than this; ledger rows stay. Absent: keep forever."
     )
@@ -98,18 +107,33 @@ class Settings(BaseSettings):
             raise ValueError(f"SAMESEED_LOG_LEVEL must be a logging level name; got {value!r}")
         return value
 
-    @field_validator("signing_key_file", "api_keys_file", "retention_days", "retention_max_gb", mode="before")
+    @field_validator(
+        "signing_key_file",
+        "api_keys_file",
+        "c2pa_cert_file",
+        "c2pa_key_file",
+        "c2pa_trust_anchors_file",
+        "retention_days",
+        "retention_max_gb",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # compose files pass `VAR=` for "not set"
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("signing_key_file", "api_keys_file")
+    @field_validator("signing_key_file", "api_keys_file", "c2pa_cert_file", "c2pa_key_file", "c2pa_trust_anchors_file")
     @classmethod
     def _check_secret_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"names no readable file: {value}")
         return value.resolve() if value is not None else None
+
+    @model_validator(mode="after")
+    def _c2pa_cert_and_key_together(self) -> Settings:
+        if (self.c2pa_cert_file is None) != (self.c2pa_key_file is None):
+            raise ValueError("SAMESEED_C2PA_CERT_FILE and SAMESEED_C2PA_KEY_FILE are set together or not at all")
+        return self
 
     @field_validator("models")
     @classmethod

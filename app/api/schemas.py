@@ -250,6 +250,38 @@ class GenerationPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
 
 
+class C2paStatusCodes(BaseModel):
+    """The C2PA validation status codes of the active manifest, by kind."""
+
+    failure: list[str]
+    informational: list[str]
+    success: list[str]
+
+
+class C2paSigner(BaseModel):
+    """The C2PA claim signer, as its certificate names it."""
+
+    common_name: str | None
+    issuer: str | None
+    algorithm: str | None
+    cert_serial_number: str | None
+
+
+class C2paResult(BaseModel):
+    """A PNG's C2PA Content Credentials as the C2PA SDK validates them."""
+
+    present: bool = Field(description="The PNG carries a C2PA manifest store.")
+    valid: bool | None = Field(description="The SDK's validation state is Valid or Trusted; null: none present.")
+    trusted: bool | None = Field(description="The signer chains to a configured trust anchor (state Trusted).")
+    validation_state: str | None = Field(description="The SDK's: Invalid, Valid or Trusted.")
+    validation_status: C2paStatusCodes
+    signer: C2paSigner | None
+    digital_source_type: str | None = Field(description="The c2pa.created action's IPTC digital source type.")
+    sameseed: dict[str, Any] | None = Field(description="The org.sameseed.manifest assertion.")
+    matches_manifest: bool | None = Field(description="That assertion names the manifest this PNG embeds.")
+    reason: str | None
+
+
 class VerifyResponse(BaseModel):
     """POST /v1/verify: what the service can prove about a PNG or a manifest."""
 
@@ -261,6 +293,10 @@ class VerifyResponse(BaseModel):
     image_index: int | None
     known_to_ledger: bool = Field(description="This server's ledger holds this very manifest.")
     reasons: list[str] = Field(description="Why a check failed; empty when valid and known.")
+    c2pa: C2paResult | None = Field(
+        description="The PNG's C2PA Content Credentials, beside the Ed25519 result (not part of `valid`); "
+        "null for a bare manifest."
+    )
     manifest: dict[str, Any] | None
 
 

@@ -194,7 +194,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             keys.update({key_id(key): key for key in served})
         data = args.file.read_bytes()
         is_png = data.startswith(PNG_SIGNATURE)
-        result = verify_png(data, keys) if is_png else verify_manifest(parse_manifest(data), keys)
+        anchors = args.c2pa_trust_anchors.read_bytes() if args.c2pa_trust_anchors is not None else None
+        result = verify_png(data, keys, anchors) if is_png else verify_manifest(parse_manifest(data), keys)
     except (OSError, ValueError, KeyError, RemoteError) as exc:
         print(f"sameseed: cannot verify: {exc}", file=sys.stderr)
         return 2
@@ -312,7 +313,7 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     bench.set_defaults(func=cmd_bench)
 
-    verify = commands.add_parser("verify", help="verify a PNG or manifest JSON offline (signature, pixels)")
+    verify = commands.add_parser("verify", help="verify a PNG or manifest JSON offline (signature, pixels, C2PA)")
     verify.add_argument("file", type=Path, help="a PNG the service wrote, or a manifest JSON file")
     verify.add_argument(
         "--public-key",
@@ -320,6 +321,12 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
         help="a public key PEM file, a saved GET /v1/keys JSON, or base64 of the raw key; repeatable",
     )
     _server_options(verify, required=False)
+    verify.add_argument(
+        "--c2pa-trust-anchors",
+        type=Path,
+        default=None,
+        help="CA certificates (PEM) under which a PNG's C2PA signer counts as trusted",
+    )
     verify.set_defaults(func=cmd_verify)
 
     generate = commands.add_parser("generate", help="generate on a server; save the PNGs and the response")

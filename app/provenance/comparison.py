@@ -26,7 +26,7 @@ from app.provenance.drift import (
     compare_manifests,
     rgb_array,
 )
-from app.provenance.manifest import MANIFEST_FORMAT
+from app.provenance.manifest import MANIFEST_FORMATS
 from app.provenance.png import MANIFEST_KEYWORD, PNG_SIGNATURE, PngError, read_texts
 
 _VALUE_WIDTH = 24
@@ -43,8 +43,10 @@ def manifest_of(document: Any) -> dict[str, Any]:
         document = document["manifest"]
     if not isinstance(document, dict) or "format" not in document:
         raise InputError("no Sameseed manifest (expected a manifest, a /v1/generations response or a PNG)")
-    if document["format"] != MANIFEST_FORMAT:
-        raise InputError(f"unsupported manifest format {document['format']!r} (this tool reads {MANIFEST_FORMAT})")
+    if document["format"] not in MANIFEST_FORMATS:
+        raise InputError(
+            f"unsupported manifest format {document['format']!r} (this tool reads {', '.join(MANIFEST_FORMATS)})"
+        )
     for section, kind in (("model", dict), ("runtime", dict), ("images", list)):
         if not isinstance(document.get(section), kind):
             raise InputError(f"the manifest has no {section!r} {kind.__name__}")

@@ -1,4 +1,9 @@
-"""The provenance manifest (versioned schema) and its canonical JSON form."""
+"""The provenance manifest (versioned schema) and its canonical JSON form.
+
+Format 2 (`sameseed.manifest/2`, what the service writes) is signed over RFC 8785 canonical bytes
+and keeps non-finite floats losslessly as `{"$float": ...}` (see `app.provenance.canonical`);
+format 1 was signed over Python's `canonical_json`, where such floats had become `null`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
 from app.params import STRICT, GenerationParams, ImageHashes
+from app.provenance.canonical import encode_floats
 
-MANIFEST_FORMAT = "sameseed.manifest/1"
+MANIFEST_FORMAT_1 = "sameseed.manifest/1"
+MANIFEST_FORMAT = "sameseed.manifest/2"
+MANIFEST_FORMATS = (MANIFEST_FORMAT_1, MANIFEST_FORMAT)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -44,6 +52,12 @@ class ManifestScheduler(_Part):
     class_name: str
     config: dict[str, Any]
 
+    # Diffusers configs hold -inf (DPM-Solver's lambda_min_clipped): keep it, not JSON's null.
+    @field_validator("config", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
+
 
 class ManifestModel(_Part):
     """Model identity: where it was loaded from and the sha256 of every file."""
@@ -63,6 +77,11 @@ class ManifestModel(_Part):
     dtype: str
     files: dict[str, str] = Field(description="Relative path -> sha256 of every component file.")
     scheduler_config: dict[str, Any] = Field(description="The model's own scheduler config.")
+
+    @field_validator("scheduler_config", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
 
 
 class ManifestRuntime(BaseModel):
@@ -120,7 +139,7 @@ class ManifestTimestamps(_Part):
 
 
 class ManifestSignature(_Part):
-    """Ed25519 signature over the canonical JSON of the manifest without this field."""
+    """Ed25519 signature over the canonical bytes of the manifest without this field (format 2: RFC 8785)."""
 
     algorithm: Literal["ed25519"]
     key_id: str = Field(description="First 16 hex digits of sha256 of the raw public key (GET /v1/keys).")
@@ -130,7 +149,7 @@ class ManifestSignature(_Part):
 class Manifest(_Part):
     """Everything that made a generation, in a versioned schema."""
 
-    format: Literal["sameseed.manifest/1"] = MANIFEST_FORMAT
+    format: Literal["sameseed.manifest/1", "sameseed.manifest/2"] = MANIFEST_FORMAT
     id: str
     service: dict[str, str]
     timestamps: ManifestTimestamps
@@ -144,6 +163,11 @@ class Manifest(_Part):
         default=None, description="Extra conditioning passed to the pipeline (SDXL: size and crop), as passed."
     )
     signature: ManifestSignature | None = None
+
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _keep_floats(cls, value: Any) -> Any:
+        return encode_floats(value)
 
     def canonical(self) -> bytes:
         """The canonical JSON bytes of this manifest."""

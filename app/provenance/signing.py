@@ -1,6 +1,7 @@
 """Ed25519 manifest signatures: the signing key, the ring of public keys, and verification.
 
-The signature covers the canonical JSON of the manifest without its `signature` field. A key id is
+The signature covers the canonical bytes of the manifest without its `signature` field: RFC 8785
+(JCS) for format 2, Python's sorted-keys `canonical_json` for format 1 (still verified). A key id is
 the first 16 hex digits of sha256 of the raw 32-byte public key. Public keys of every key that ever
 signed stay in `<keys dir>/public/<key id>.pem`, so rotation never orphans an old image.
 """
@@ -22,7 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from app.provenance.manifest import Manifest, ManifestSignature, canonical_json
+from app.provenance.canonical import jcs
+from app.provenance.manifest import MANIFEST_FORMAT_1, MANIFEST_FORMATS, Manifest, ManifestSignature, canonical_json
 from app.store.files import fsync_dir
 
 ALGORITHM = "ed25519"
@@ -52,8 +54,18 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def signed_bytes(manifest: Mapping[str, Any]) -> bytes:
-    """The exact bytes a signature covers: canonical JSON of the manifest without `signature`."""
-    return canonical_json({k: v for k, v in manifest.items() if k != "signature"})
+    """The exact bytes a signature covers: the manifest without `signature`, canonical for its format.
+
+    Format 2: RFC 8785 bytes. Format 1: Python's `canonical_json`. ValueError for another format,
+    or a value RFC 8785 cannot encode.
+    """
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    fmt = manifest.get("format")
+    if fmt == MANIFEST_FORMAT_1:
+        return canonical_json(unsigned)
+    if fmt not in MANIFEST_FORMATS:
+        raise ValueError(f"unsupported manifest format {fmt!r} (this service reads {', '.join(MANIFEST_FORMATS)})")
+    return jcs(unsigned)
 
 
 def private_key_pem(private_key: Ed25519PrivateKey) -> bytes:
@@ -227,6 +239,8 @@ def verify_signature(manifest: Mapping[str, Any], public_keys: Mapping[str, Ed25
         return SignatureCheck(False, None, "the manifest carries no signature")
     kid = signature.get("key_id")
     kid = kid if isinstance(kid, str) else None
+    if manifest.get("format") not in MANIFEST_FORMATS:
+        return SignatureCheck(False, kid, f"unsupported manifest format {manifest.get('format')!r}")
     if signature.get("algorithm") != ALGORITHM:
         return SignatureCheck(False, kid, f"unsupported signature algorithm {signature.get('algorithm')!r}")
     public_key = public_keys.get(kid) if kid else None

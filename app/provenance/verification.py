@@ -1,4 +1,4 @@
-"""Verification of a PNG or a manifest: signature, pixels against the signed pixel hashes.
+"""Verification of a PNG or a manifest: signature, pixels against the signed pixel hashes, C2PA credentials.
 
 Pure functions over bytes and public keys, shared by POST /v1/verify and the offline CLI.
 """
@@ -13,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PIL import Image, UnidentifiedImageError
 
+from app.provenance.c2pa import C2paCheck, manifest_sha256, read_content_credentials
 from app.provenance.hashes import pixel_sha256
 from app.provenance.manifest import parse_json
 from app.provenance.png import MANIFEST_KEYWORD, PngError, read_texts
@@ -37,6 +38,7 @@ class Verification:
     known_to_ledger: bool | None = None  # None: no ledger consulted (offline)
     reasons: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
+    c2pa: C2paCheck | None = None  # None: a bare manifest (C2PA credentials live in the PNG)
 
     @property
     def valid(self) -> bool:
@@ -54,6 +56,7 @@ class Verification:
             "image_index": self.image_index,
             "known_to_ledger": self.known_to_ledger,
             "reasons": list(self.reasons),
+            "c2pa": self.c2pa.as_dict() if self.c2pa is not None else None,
         }
 
 
@@ -115,8 +118,28 @@ def pixel_matches(manifest: Mapping[str, Any], digest: str) -> list[Any]:
     ]
 
 
-def verify_png(png: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> Verification:
-    """Check the embedded manifest's signature and that the pixels hash to one of its images."""
+def _c2pa_names_manifest(check: C2paCheck, manifest: Mapping[str, Any]) -> str | None:
+    """Why the C2PA `org.sameseed.manifest` assertion does not name this manifest; None when it does."""
+    claimed = check.sameseed
+    if not isinstance(claimed, dict):
+        return "the C2PA manifest store has no org.sameseed.manifest assertion"
+    try:
+        digest = manifest_sha256(manifest)
+    except ValueError:
+        digest = None
+    if claimed.get("generation_id") != manifest.get("id") or claimed.get("manifest_sha256") != digest:
+        return "the C2PA credentials name another Sameseed manifest than the one this PNG embeds"
+    return None
+
+
+def verify_png(
+    png: bytes, public_keys: Mapping[str, Ed25519PublicKey], trust_anchors_pem: bytes | None = None
+) -> Verification:
+    """Check the embedded manifest's signature, that the pixels hash to one of its images, and C2PA credentials.
+
+    The C2PA result is reported beside the Ed25519 one and does not change `valid`; it is trusted
+    only when its chain leads to one of `trust_anchors_pem`.
+    """
     result = verify_manifest(embedded_manifest(png), public_keys)
     digest = pixel_sha256(decode_pixels(png))
     matches = pixel_matches(result.manifest or {}, digest)
@@ -124,4 +147,10 @@ def verify_png(png: bytes, public_keys: Mapping[str, Ed25519PublicKey]) -> Verif
     result.image_index = matches[0] if matches and isinstance(matches[0], int) else None
     if not matches:
         result.reasons.append(f"the pixels hash to {digest}, which no image of the manifest records")
+    result.c2pa = read_content_credentials(png, trust_anchors_pem)
+    if result.c2pa.present:
+        mismatch = _c2pa_names_manifest(result.c2pa, result.manifest or {})
+        result.c2pa.matches_manifest = mismatch is None
+        if mismatch:
+            result.c2pa.reason = mismatch if result.c2pa.reason is None else f"{result.c2pa.reason}; {mismatch}"
     return result

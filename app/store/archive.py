@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import numpy
 
 from app.errors import GenerationNotFound, ImageGone, StorageUnavailable
+from app.provenance.c2pa import ContentCredentials, development_credentials, load_credentials
 from app.provenance.manifest import Manifest, canonical_json
 from app.provenance.png import embed_provenance
 from app.provenance.signing import KeyRing, PublicKeyEntry, load_private_key
@@ -77,6 +78,12 @@ class Archive:
         self.retention_interval_s = settings.retention_interval_s
         if self.key_file is not None:
             load_private_key(self.key_file)  # fail fast at create_app, with a message naming the file
+        self.c2pa_files = (settings.c2pa_cert_file, settings.c2pa_key_file)
+        if settings.c2pa_cert_file is not None and settings.c2pa_key_file is not None:
+            load_credentials(settings.c2pa_cert_file, settings.c2pa_key_file)  # fail fast, naming the file
+        anchors = settings.c2pa_trust_anchors_file
+        self.c2pa_trust_anchors = anchors.read_bytes() if anchors is not None else None
+        self._c2pa: ContentCredentials | None = None
         self.store = ImageStore(self.data_dir / "images")
         self.ledger = Ledger(self.data_dir / LEDGER_NAME)
         self._keys: KeyRing | None = None
@@ -94,10 +101,22 @@ class Archive:
         """Open the key ring (generating a key once), the image store and the ledger (migrating it)."""
         self.store.root.mkdir(parents=True, exist_ok=True)
         self._keys = KeyRing.open(self.data_dir / "keys", self.key_file)
+        cert_file, c2pa_key_file = self.c2pa_files
+        if cert_file is not None and c2pa_key_file is not None:
+            credentials = load_credentials(cert_file, c2pa_key_file)
+        else:
+            credentials = development_credentials(self.data_dir / "keys")
+        self._c2pa = ContentCredentials(credentials)
+        self._c2pa.check()  # a chain the C2PA SDK refuses stops the start, not the first image
         before = self.ledger.migrate()
         log.info(
             "archive open",
-            extra={"signing_key_id": self._keys.signer.key_id, "ledger_schema_before": before},
+            extra={
+                "signing_key_id": self._keys.signer.key_id,
+                "c2pa_signer": self._c2pa.signer_name,
+                "c2pa_development": credentials.development,
+                "ledger_schema_before": before,
+            },
         )
 
     async def start(self) -> None:
@@ -119,10 +138,14 @@ class Archive:
         self, manifest: Manifest, pngs: Sequence[bytes], latents: Sequence[numpy.ndarray | None] = ()
     ) -> Archived:
         """Sign, embed, write the files (and latents) durably, then commit the ledger rows (blocking)."""
+        if self._c2pa is None:
+            raise RuntimeError("the archive is not started")
         signed = self.keys.signer.sign(manifest)
         document = signed.model_dump(mode="json")
+        # The C2PA store goes in last: its hard binding covers every other byte, the iTXt manifest included.
         embedded = [
-            embed_provenance(png, document, image.index) for png, image in zip(pngs, signed.images, strict=True)
+            self._c2pa.sign_png(embed_provenance(png, document, image.index), document, image.index)
+            for png, image in zip(pngs, signed.images, strict=True)
         ]
         try:
             paths = self.store.write_generation(
@@ -213,7 +236,7 @@ class Archive:
 
     def verify_png(self, png: bytes) -> Verification:
         """Verify a PNG's embedded manifest and pixels, and look the generation up in the ledger."""
-        return self._consult_ledger(verify_png(png, self.keys.public_keys))
+        return self._consult_ledger(verify_png(png, self.keys.public_keys, self.c2pa_trust_anchors))
 
     def verify_manifest(self, manifest: dict) -> Verification:
         """Verify a manifest's signature and look it up in the ledger."""

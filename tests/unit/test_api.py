@@ -36,7 +36,7 @@ def test_generation_returns_images_hashes_and_a_manifest(client):
     assert [(i["index"], i["seed"]) for i in body["images"]] == [(0, 7), (1, 8)]
     assert base64.b64decode(body["images"][0]["png_base64"]).startswith(b"\x89PNG")
     manifest = body["manifest"]
-    assert manifest["format"] == "sameseed.manifest/1"
+    assert manifest["format"] == "sameseed.manifest/2"
     assert manifest["request"] == {
         "model": "sameseed-tiny",
         "prompt": "a cat",
