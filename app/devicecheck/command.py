@@ -29,6 +29,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU worker")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="stop starting new phases when this is spent; what is left is reported as skipped")
+    p.add_argument("--skip", action="append", default=[], metavar="PHASE",
+                   help="a phase not to run (repeatable): model is always built; server, n_image, concurrency, "
+                        "golden, vae_guard, two_workers, restart, latency")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     p.set_defaults(func=cmd_devicecheck)
 
@@ -55,9 +58,15 @@ def cmd_devicecheck(args: argparse.Namespace) -> int:
     if values["size"] % 8 or values["size"] < 16 or min(values["steps"], values["check_steps"], values["runs"]) < 1:
         print("sameseed: --size must be a multiple of 8 (>= 16); --steps, --check-steps, --runs >= 1", file=sys.stderr)
         return 2
+    from app.devicecheck.runner import PHASES
+
+    unknown = sorted(set(args.skip) - set(PHASES[1:]))
+    if unknown:
+        print(f"sameseed: --skip takes {', '.join(PHASES[1:])}; not {', '.join(unknown)}", file=sys.stderr)
+        return 2
     work = args.work or default_work()
     options = Options(device=device, threads=args.threads, budget_s=args.budget_s, work=work.resolve(),
-                      out=args.out.resolve(), **values)
+                      out=args.out.resolve(), skip=tuple(args.skip), **values)
     try:
         report = Run(options).execute()
     finally:

@@ -54,8 +54,13 @@ def peak_rss_mib(pid: int, proc: Path = Path("/proc")) -> float | None:
     return int(match.group(1)) / 1024 if match else None
 
 
-def key_field_problems(runtime: dict[str, Any], device_kind: str, threads: int) -> list[str]:
-    """What is missing or wrong in a manifest's runtime section for a worker on `device_kind`; [] when all is there."""
+def key_field_problems(
+    runtime: dict[str, Any], device_kind: str, threads: int, expected: dict[str, Any] | None = None
+) -> list[str]:
+    """What is missing or wrong in a manifest's runtime section for a worker on `device_kind`; [] when all is there.
+
+    `expected` is this process's own view of the device (`device_info`): the worker must record the same GPU.
+    """
     problems: list[str] = []
 
     def expect(field: str, ok: bool, wanted: str) -> None:
@@ -77,9 +82,16 @@ def key_field_problems(runtime: dict[str, Any], device_kind: str, threads: int) 
     expect("key_fields", bool(runtime.get("key_fields")), "a non-empty list")
     expect("versions.torch", bool(versions.get("torch")), "a version")
     if device_kind == "cuda":
-        expect("device_name", bool(re.search(r"\(\d+ SMs\)$", str(runtime.get("device_name", "")))), "'<GPU> (<n> SMs)'")
-        expect("cuda_capability", bool(re.fullmatch(r"\d+\.\d+", str(runtime.get("cuda_capability")))), "'<major>.<minor>'")
+        name, capability = str(runtime.get("device_name", "")), str(runtime.get("cuda_capability"))
+        expect("device_name", bool(re.search(r"\(\d+ SMs\)$", name)), "'<GPU> (<n> SMs)'")
+        expect("cuda_capability", bool(re.fullmatch(r"\d+\.\d+", capability)), "'<major>.<minor>'")
         expect("versions.cuda", bool(versions.get("cuda")), "a CUDA version")
+        if expected and expected.get("kind") == "cuda":
+            gpu = f"{expected.get('name')} ({expected.get('sm_count')} SMs)"
+            expect("device_name", name == gpu, repr(gpu))
+            expect("cuda_capability", capability == expected.get("compute_capability"),
+                   repr(expected.get("compute_capability")))
+            expect("versions.cuda", versions.get("cuda") == expected.get("cuda"), repr(expected.get("cuda")))
         expect("versions.cudnn", bool(versions.get("cudnn")), "a cuDNN version")
         expect("cublas_workspace_config", runtime.get("cublas_workspace_config") == CUBLAS_WORKSPACE_CONFIG,
                repr(CUBLAS_WORKSPACE_CONFIG))
@@ -87,6 +99,9 @@ def key_field_problems(runtime: dict[str, Any], device_kind: str, threads: int) 
     else:
         expect("device_name", bool(runtime.get("device_name")), "the CPU's name")
         expect("cpu_capability", bool(runtime.get("cpu_capability")), "torch's CPU capability")
+        if expected and expected.get("cpu_capability"):
+            expect("cpu_capability", runtime.get("cpu_capability") == expected["cpu_capability"],
+                   repr(expected["cpu_capability"]))
         expect("torch_threads", runtime.get("torch_threads") == threads, str(threads))
     return problems
 

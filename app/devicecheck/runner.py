@@ -9,7 +9,6 @@ after every phase so a run cut short still leaves what it found.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -17,9 +16,8 @@ import statistics
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,9 @@ from app.devicecheck.report import Check, Measure, Report
 
 MODEL_ID = "devicecheck-sd15"
 PROMPT = "a photo of a cat"
+PHASES = ("model", "server", "n_image", "concurrency", "golden", "vae_guard", "two_workers", "restart", "latency")
+# What 512x512 50-step SD1.5 costs on an H100 with real weights, for reading the figure above.
+ANCHORS = "; H100 anchors with real weights: 0.75 s TensorRT, 1.44 s PyTorch 2 compile, FLOP floor about 0.105 s"
 NEGATIVE = "blurry, low quality"
 
 
@@ -49,6 +50,7 @@ class Options:
     budget_s: float
     work: Path
     out: Path
+    skip: tuple[str, ...] = ()  # phases not to run (reported as skipped)
 
     @property
     def kind(self) -> str:
@@ -106,21 +108,29 @@ class Run:
         self.report.finished = time.time()
         self.report.write(self.o.out)
 
-    @contextmanager
-    def phase(self, name: str, images: int, checks: tuple[str, ...]) -> Iterator[None]:
-        """Run a phase if the budget allows `images` more images; record its time; checks it owns
-        that it did not record are errors (or skipped, when the budget stopped it)."""
+    def phase(self, name: str, images: float, checks: tuple[str, ...], body: Callable[[], None],
+              *, needs_server: bool = False) -> None:
+        """Run `body` if not skipped and the budget allows about `images` more images; record its time.
+
+        Checks the phase owns but did not record become errors when it raised, skipped when it did not run.
+        """
         need = images * self.seconds_per_image
-        started = time.monotonic()
-        if self.budget.remaining() < need:
+        reason = None
+        if name in self.o.skip:
+            reason = f"--skip {name}"
+        elif needs_server and self.server is None:
+            reason = "the server did not start"
+        elif self.budget.remaining() < need:
             self.report.budget_exhausted = True
+            reason = f"budget: {self.budget.remaining():.0f}s left, phase {name} needs about {need:.0f}s"
+        if reason is not None:
             for check in checks:
-                self.report.add_check(Check(check, "skipped", f"budget: {self.budget.remaining():.0f}s left, "
-                                            f"phase {name} needs about {need:.0f}s"))
+                self.report.add_check(Check(check, "skipped", reason))
             self._save()
             return
+        started = time.monotonic()
         try:
-            yield
+            body()
         except Exception as exc:  # a phase that breaks fails its checks; later phases still run
             detail = f"phase {name} raised {type(exc).__name__}: {exc}"
             for check in checks:
@@ -164,45 +174,74 @@ class Run:
         self.o.work.mkdir(parents=True, exist_ok=True)
         self._save()
         try:
-            self.phase_model()
-            if not self.model_dir.is_dir():
+            self.configure()
+            self.phase("model", 0, ("model_built",), self.build_model)
+            if not (self.registry.is_file() and self.model_dir.is_dir()):
                 return self.report
-            self.phase_server_checks()
-            self.phase_vae_guard()
-            self.phase_two_workers()
-            self.phase_latency()
+            server = ("repeat", "key_fields", "n_image_vs_singles", "concurrency", "golden_suite", "worker_restart")
+            self.phase("server", 2, server[:2], self.start_server)
+            self.phase("n_image", 6, ("n_image_vs_singles",), self.check_n_image, needs_server=True)
+            self.phase("concurrency", self.o.concurrency, ("concurrency",), self.check_concurrency, needs_server=True)
+            self.phase("golden", 12, ("golden_suite",), self.check_golden, needs_server=True)
+            self.phase("vae_guard", 2, ("fp16_vae_guard",), self.check_vae_guard)
+            self.phase("two_workers", 2 + self.process_start_s() / self.seconds_per_image, ("two_workers",),
+                       self.check_two_workers)
+            # the restart kills the server's worker: after every other use of it but the latency
+            self.phase("restart", 2 + self.process_start_s() / self.seconds_per_image, ("worker_restart",),
+                       self.check_restart, needs_server=True)
+            self.phase("latency", self.latency_images(), ("latency_measured",), self.measure_latency,
+                       needs_server=True)
         finally:
             if self.server is not None:
                 self.server.stop()
             self._save()
         return self.report
 
-    def phase_model(self) -> None:
+    def configure(self) -> None:
+        """This process's torch gets the workers' determinism settings; record what the device is."""
+        from app.devicecheck.probe import device_info
+        from app.pipeline.determinism import configure_torch
+        from app.pipeline.loader import quiet_libraries
+
+        configure_torch(self.o.device, self.o.threads, True)
+        quiet_libraries()
+        self.report.device = device_info(self.o.device)
+        self._save()
+
+    def process_start_s(self) -> float:
+        """About how long a worker process takes to start (import, load), for budgeting."""
+        return 20.0 if self.o.kind == "cuda" else 10.0
+
+    def build_model(self) -> None:
         """Build the random-weight model from the shipped SD1.5 config folder and register it."""
         from app.models.build import file_sha256s
-        from app.models.fullsize import FULLSIZE_SEED, SD15_CONFIG_DIR, TINY_OVERRIDES, build_from_configs
-        from app.models.fullsize import parameter_counts
+        from app.models.fullsize import (
+            FULLSIZE_SEED,
+            SD15_CONFIG_DIR,
+            TINY_OVERRIDES,
+            build_from_configs,
+            parameter_counts,
+        )
 
-        with self.phase("model", 0, ("model_built",)):
-            overrides = TINY_OVERRIDES if self.o.variant == "tiny" else None
-            started = time.monotonic()
-            build_from_configs(SD15_CONFIG_DIR, self.model_dir, seed=FULLSIZE_SEED, dtype=self.o.dtype,
-                               overrides=overrides)
-            build_s = time.monotonic() - started
-            files = file_sha256s(self.model_dir)
-            size = sum((self.model_dir / rel).stat().st_size for rel in files)
-            self.registry.write_text(yaml.safe_dump(self.registry_document(files), sort_keys=False))
-            params = parameter_counts(SD15_CONFIG_DIR, overrides)
-            self.report.model = {
-                "id": MODEL_ID, "variant": self.o.variant, "dtype": self.o.dtype, "seed": FULLSIZE_SEED,
-                "config_folder": "app/models/configs/sd15", "overrides": overrides, "parameters": params,
-                "parameters_total": sum(params.values()), "bytes": size, "build_seconds": round(build_s, 2),
-                "files": files,
-            }
-            self.report.add_check(Check("model_built", "pass",
-                                        f"{self.o.variant} SD1.5 architecture, {sum(params.values()):,} parameters, "
-                                        f"{size / 2**20:.1f} MiB {self.o.dtype}, built in {build_s:.1f}s",
-                                        {"files": len(files)}, round(build_s, 3)))
+        overrides = TINY_OVERRIDES if self.o.variant == "tiny" else None
+        started = time.monotonic()
+        build_from_configs(SD15_CONFIG_DIR, self.model_dir, seed=FULLSIZE_SEED, dtype=self.o.dtype,
+                           overrides=overrides)
+        build_s = time.monotonic() - started
+        files = file_sha256s(self.model_dir)
+        size = sum((self.model_dir / rel).stat().st_size for rel in files)
+        self.registry.write_text(yaml.safe_dump(self.registry_document(files), sort_keys=False))
+        params = parameter_counts(SD15_CONFIG_DIR, overrides)
+        self.report.model = {
+            "id": MODEL_ID, "variant": self.o.variant, "dtype": self.o.dtype, "seed": FULLSIZE_SEED,
+            "config_folder": "app/models/configs/sd15", "overrides": overrides, "parameters": params,
+            "parameters_total": sum(params.values()), "bytes": size, "build_seconds": round(build_s, 2),
+            "files": files,
+        }
+        self.report.add_check(Check("model_built", "pass",
+                                    f"{self.o.variant} SD1.5 architecture, {sum(params.values()):,} parameters, "
+                                    f"{size / 2**20:.1f} MiB {self.o.dtype}, built in {build_s:.1f}s",
+                                    {"files": len(files)}, round(build_s, 3)))
 
     def registry_document(self, files: dict[str, str]) -> dict[str, Any]:
         """A one-model registry for the built folder, every file pinned."""
@@ -235,28 +274,22 @@ class Run:
             "SAMESEED_JOB_TIMEOUT_S": "900",
         }
 
-    def phase_server_checks(self) -> None:
-        """Start the server; repeated runs, n-image vs singles, concurrency, key fields, golden, restart."""
+    def start_server(self) -> None:
+        """Start `python -m app serve` on the built model (one worker on the GPU, or one CPU worker)."""
         from app.launcher import ServerProcess
 
-        names = ("repeat", "n_image_vs_singles", "concurrency", "key_fields", "golden_suite", "worker_restart")
-        with self.phase("server", 2, names):
-            workers = "cuda" if self.o.kind == "cuda" else "cpu:1"
-            self.server = ServerProcess(self.o.work / "data", **self.server_env(workers))
-            ready_s = self.server.start(wait_ready=False).wait_ready(deadline_s=max(60.0, self.budget.remaining()))
-            self.report.add_measure(Measure("time to ready (server start to /readyz 200)", round(ready_s, 2), "s"))
-            self.record_worker_memory("server worker")
-            self.check_repeat()
-            self.check_key_fields()
-        with self.phase("n_image", 2 * 3, ("n_image_vs_singles",)):
-            self.check_n_image()
-        with self.phase("concurrency", self.o.concurrency, ("concurrency",)):
-            self.check_concurrency()
-        with self.phase("golden", 12, ("golden_suite",)):
-            self.check_golden()
-        with self.phase("restart", 2 + (20 if self.o.kind == "cuda" else 10) / self.seconds_per_image,
-                        ("worker_restart",)):
-            self.check_restart()
+        workers = "cuda" if self.o.kind == "cuda" else "cpu:1"
+        server = ServerProcess(self.o.work / "data", **self.server_env(workers))
+        try:
+            ready_s = server.start(wait_ready=False).wait_ready(deadline_s=max(60.0, self.budget.remaining()))
+        except BaseException:
+            server.stop()
+            raise
+        self.server = server
+        self.report.add_measure(Measure("time to ready (server start to /readyz 200)", round(ready_s, 2), "s"))
+        self.record_worker_memory("server worker")
+        self.check_repeat()
+        self.check_key_fields()
 
     def single(self, seed: int) -> dict[str, str]:
         """The hashes of a one-image request for `seed` (made once, then reused)."""
@@ -280,7 +313,7 @@ class Run:
 
         answer = self.request(seed=100)
         runtime = answer["manifest"]["runtime"]
-        problems = key_field_problems(runtime, self.o.kind, self.o.threads)
+        problems = key_field_problems(runtime, self.o.kind, self.o.threads, expected=self.report.device)
         fields = ("device_kind", "device_name", "cuda_capability", "cpu_capability", "torch_threads",
                   "deterministic_algorithms", "cudnn_deterministic", "cudnn_benchmark", "tf32_matmul",
                   "tf32_cudnn", "cublas_workspace_config", "attention_backend", "noise_device",
@@ -288,9 +321,10 @@ class Run:
         evidence = {f: runtime.get(f) for f in fields}
         evidence["versions"] = runtime.get("versions")
         evidence["model_dtype"] = answer["manifest"]["model"]["dtype"]
-        detail = "; ".join(problems) if problems else (
-            f"{runtime.get('device_name')}, capability {runtime.get('cuda_capability') or runtime.get('cpu_capability')},"
-            f" key {runtime.get('reproducibility_key', '')[:16]}…")
+        capability = runtime.get("cuda_capability") or runtime.get("cpu_capability")
+        key = str(runtime.get("reproducibility_key", ""))[:16]
+        found = f"{runtime.get('device_name')}, capability {capability}, key {key}…"
+        detail = "; ".join(problems) if problems else found
         self.report.add_check(Check("key_fields", "fail" if problems else "pass", detail, evidence))
 
     def check_n_image(self) -> None:
@@ -385,15 +419,14 @@ class Run:
         self.report.add_measure(Measure(f"peak RSS per {label}", max(rss) if rss else None, "MiB",
                                         detail=f"VmHWM, pids {pids}"))
 
-    def phase_vae_guard(self) -> None:
+    def check_vae_guard(self) -> None:
         """Force a float16 VAE overflow; the guard must decode the same latents again in float32."""
         from app.devicecheck.guard import forced_overflow_check
 
-        with self.phase("vae_guard", 2, ("fp16_vae_guard",)):
-            started = time.monotonic()
-            ok, detail, evidence = forced_overflow_check(self.model_dir / "vae", self.torch_device(), self.o.size)
-            self.report.add_check(Check("fp16_vae_guard", "pass" if ok else "fail", detail, evidence,
-                                        round(time.monotonic() - started, 3)))
+        started = time.monotonic()
+        ok, detail, evidence = forced_overflow_check(self.model_dir / "vae", self.torch_device(), self.o.size)
+        self.report.add_check(Check("fp16_vae_guard", "pass" if ok else "fail", detail, evidence,
+                                    round(time.monotonic() - started, 3)))
 
     def torch_device(self) -> str:
         """The torch device of this process (it sees the chosen GPU as cuda:0)."""
@@ -401,71 +434,70 @@ class Run:
 
         return torch_device(self.o.device)
 
-    def phase_two_workers(self) -> None:
+    def check_two_workers(self) -> None:
         """Two worker processes of the real pool render the same image; both equal the server's."""
         from app.devicecheck.pool import render_on_workers
 
-        with self.phase("two_workers", 2 + (10 if self.o.kind == "cuda" else 6) / self.seconds_per_image,
-                        ("two_workers",)):
-            started = time.monotonic()
-            reference = self.single(100) if self.server is not None else None
-            result = render_on_workers(self, seed=100, count=2,
-                                       timeout_s=max(60.0, min(400.0, self.budget.remaining())))
-            hashes = [{"worker": r.worker_id, "latent_sha256": r.latent_sha256, "pixel_sha256": r.pixel_sha256,
-                       "reproducibility_key": r.runtime.get("reproducibility_key")} for r in result.images]
-            keys = {h["reproducibility_key"] for h in hashes}
-            same = all(self.same(h, hashes[0]) for h in hashes)
-            server_same = reference is None or self.same(hashes[0], reference)
-            ok = same and server_same and len(keys) == 1
-            for label, value, unit in result.measures:
-                self.report.add_measure(Measure(label, value, unit))
-            self.report.add_check(Check(
-                "two_workers", "pass" if ok else "fail",
-                f"{len(hashes)} pool worker processes (pids {result.pids}) "
-                + ("agree with each other and the server's worker" if ok else "DISAGREE"),
-                {"workers": hashes, "server": reference, "one_key": len(keys) == 1},
-                round(time.monotonic() - started, 3)))
+        started = time.monotonic()
+        reference = self.single(100) if self.server is not None else None
+        result = render_on_workers(self, seed=100, count=2,
+                                   timeout_s=max(60.0, min(400.0, self.budget.remaining())))
+        hashes = [{"worker": r.worker_id, "latent_sha256": r.latent_sha256, "pixel_sha256": r.pixel_sha256,
+                   "reproducibility_key": r.runtime.get("reproducibility_key")} for r in result.images]
+        keys = {h["reproducibility_key"] for h in hashes}
+        same = all(self.same(h, hashes[0]) for h in hashes)
+        server_same = reference is None or self.same(hashes[0], reference)
+        ok = same and server_same and len(keys) == 1
+        for label, value, unit in result.measures:
+            self.report.add_measure(Measure(label, value, unit))
+        self.report.add_check(Check(
+            "two_workers", "pass" if ok else "fail",
+            f"{len(hashes)} pool worker processes (pids {result.pids}) "
+            + ("agree with each other and the server's worker" if ok else "DISAGREE"),
+            {"workers": hashes, "server": reference, "one_key": len(keys) == 1},
+            round(time.monotonic() - started, 3)))
 
-    def phase_latency(self) -> None:
+    def latency_images(self) -> float:
+        """The latency phase's cost in check-size images (its images have `steps` steps)."""
+        return (3 * self.o.runs + 3) * self.o.steps / self.o.check_steps + self.process_start_s() / 4
+
+    def measure_latency(self) -> None:
         """End-to-end service latency vs plain diffusers in this process, interleaved; determinism's cost."""
         from app.devicecheck.direct import DirectPipeline
 
-        images = 2 * self.o.runs + 2 + self.o.runs
-        scale = (self.o.steps / max(1, self.o.check_steps))
-        with self.phase("latency", int(images * scale) + 4, ("latency_measured",)):
-            body = {"seed": 7, "steps": self.o.steps, "negative_prompt": ""}
-            direct = DirectPipeline(self.model_dir, self.o.dtype, self.o.device, self.o.threads)
-            direct.call(self.o.size, self.o.steps, seed=7)  # warm both sides
-            self.request(**body)
-            service, plain = [], []
-            for i in range(self.o.runs):
-                for side in (("s", "d") if i % 2 == 0 else ("d", "s")):
-                    if side == "s":
-                        t = time.monotonic()
-                        self.request(**body)
-                        service.append(time.monotonic() - t)
-                    else:
-                        plain.append(direct.call(self.o.size, self.o.steps, seed=7))
-            direct.determinism(False)
-            direct.call(self.o.size, self.o.steps, seed=7)  # warm the other kernels
-            loose = [direct.call(self.o.size, self.o.steps, seed=7) for _ in range(self.o.runs)]
-            s_med, d_med, l_med = statistics.median(service), statistics.median(plain), statistics.median(loose)
-            ratio = s_med / d_med
-            shape = f"{self.o.size}x{self.o.size} {self.o.steps}-step PNDM, {self.o.dtype}"
-            self.report.add_measure(Measure("service end-to-end per image, median", round(s_med, 4), "s",
-                                            detail=shape))
-            self.report.add_measure(Measure("plain diffusers per image, median", round(d_med, 4), "s",
-                                            detail=shape + ", same determinism settings"))
-            self.report.add_measure(Measure("service / plain diffusers", round(ratio, 4), "x", "<= 1.05",
-                                            ratio <= 1.05))
-            self.report.add_measure(Measure("plain diffusers, determinism settings off", round(l_med, 4), "s",
-                                            detail=direct.loose_settings))
-            self.report.add_measure(Measure("cost of the determinism settings (on / off)", round(d_med / l_med, 4),
-                                            "x", detail="for the record only"))
-            self.report.add_check(Check("latency_measured", "pass", f"service {s_med:.3f}s vs plain {d_med:.3f}s "
-                                        f"per image ({ratio:.3f}x), {shape}",
-                                        {"service_s": service, "plain_s": plain, "plain_loose_s": loose}))
-            direct.close()
+        body = {"seed": 7, "steps": self.o.steps, "negative_prompt": ""}
+        direct = DirectPipeline(self.model_dir, self.o.dtype, self.o.device, self.o.threads)
+        direct.call(self.o.size, self.o.steps, seed=7)  # warm both sides
+        self.request(**body)
+        service, plain = [], []
+        for i in range(self.o.runs):
+            for side in (("s", "d") if i % 2 == 0 else ("d", "s")):
+                if side == "s":
+                    t = time.monotonic()
+                    self.request(**body)
+                    service.append(time.monotonic() - t)
+                else:
+                    plain.append(direct.call(self.o.size, self.o.steps, seed=7))
+        direct.determinism(False)
+        direct.call(self.o.size, self.o.steps, seed=7)  # warm the other kernels
+        loose = [direct.call(self.o.size, self.o.steps, seed=7) for _ in range(self.o.runs)]
+        s_med, d_med, l_med = statistics.median(service), statistics.median(plain), statistics.median(loose)
+        ratio = s_med / d_med
+        shape = f"{self.o.size}x{self.o.size} {self.o.steps}-step PNDM, {self.o.dtype}"
+        self.report.add_measure(Measure("service end-to-end per image, median", round(s_med, 4), "s",
+                                        detail=shape + ANCHORS if self.o.variant == "full" else shape))
+        self.report.add_measure(Measure("plain diffusers per image, median", round(d_med, 4), "s",
+                                        detail=shape + ", same determinism settings"))
+        self.report.add_measure(Measure("service / plain diffusers", round(ratio, 4), "x", "<= 1.05",
+                                        ratio <= 1.05))
+        self.report.add_measure(Measure("plain diffusers, determinism settings off", round(l_med, 4), "s",
+                                        detail=direct.loose_settings))
+        self.report.add_measure(Measure("cost of the determinism settings (on / off)", round(d_med / l_med, 4),
+                                        "x", detail="for the record only"))
+        self.report.add_check(Check("latency_measured", "pass", f"service {s_med:.3f}s vs plain {d_med:.3f}s "
+                                    f"per image ({ratio:.3f}x), {shape}",
+                                    {"service_s": service, "plain_s": plain, "plain_loose_s": loose}))
+        direct.close()
 
 
 def execute(options: Options) -> Report:
@@ -481,8 +513,3 @@ def default_work() -> Path:
 def remove_work(path: Path) -> None:
     """Delete a work folder devicecheck made."""
     shutil.rmtree(path, ignore_errors=True)
-
-
-def run_async(coro: Any) -> Any:
-    """Run a coroutine on a fresh event loop (the pool harness needs one)."""
-    return asyncio.run(coro)
