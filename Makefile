@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv clean
+.PHONY: serve test lint bench venv dev-venv clean device-wheels
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: lint
 
 bench: venv
 	$(VENV)/bin/python -m app bench
+
+# Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.
+device-wheels: venv
+	$(VENV)/bin/python -m app.devicecheck.wheels --dest .device-wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
