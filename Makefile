@@ -33,6 +33,7 @@ test: lint
 
 bench: venv
 	$(VENV)/bin/python -m app bench
+	$(VENV)/bin/python -m app.devicecheck.coldstart --work .sameseed/coldstart
 
 # Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.
 device-wheels: venv
