@@ -208,3 +208,73 @@ def test_unmet_requirements_of_carried_wheels_are_reported(tmp_path):
         fake_wheel(tmp_path, "pydantic_core", ["typing-extensions>=4.14"]),
     ]
     assert wheels.unmet(carried) == ["diffusers-1.0-py3-none-any.whl needs regress"]
+
+
+# ---------------------------------------------------------------- CUDA branches, with fakes
+
+
+class FakeResponse:
+    def __init__(self, body):
+        self.body = body
+
+    def json(self):
+        return self.body
+
+
+class FakeServer:
+    """Answers /readyz like a one-GPU server."""
+
+    def __init__(self, pids):
+        self.client = self
+        self.pids = pids
+
+    def get(self, path, **kwargs):
+        assert path == "/readyz"
+        return FakeResponse({"workers": [{"id": f"w{i}", "pid": pid} for i, pid in enumerate(self.pids)]})
+
+
+def test_gpu_memory_and_peak_rss_are_recorded_per_worker_on_cuda(tmp_path, monkeypatch):
+    run = Run(options(tmp_path, device="cuda:0"))
+    run.server = FakeServer([101, 102])
+    monkeypatch.setattr(probe, "gpu_memory_by_pid", lambda: {101: 2900.0, 102: 3100.0, 555: 70000.0})
+    monkeypatch.setattr(probe, "peak_rss_mib", lambda pid: {101: 900.0, 102: 950.0}[pid])
+    run.record_worker_memory("server worker")
+    measures = {m.name: m.value for m in run.report.measures}
+    assert measures == {"GPU memory per server worker": 3100.0, "peak RSS per server worker": 950.0}
+
+
+def test_cpu_runs_record_no_gpu_memory(tmp_path, monkeypatch):
+    run = Run(options(tmp_path))
+    run.server = FakeServer([101])
+    monkeypatch.setattr(probe, "gpu_memory_by_pid", lambda: pytest.fail("nvidia-smi is not asked on CPU"))
+    monkeypatch.setattr(probe, "peak_rss_mib", lambda pid: 400.0)
+    run.record_worker_memory("server worker")
+    assert [m.name for m in run.report.measures] == ["peak RSS per server worker"]
+
+
+def test_turning_determinism_off_and_on_again_flips_every_setting_on_cuda():
+    import torch
+
+    from app.devicecheck.direct import DirectPipeline
+
+    direct = DirectPipeline.__new__(DirectPipeline)  # the settings only: no model, no GPU
+    direct.device = "cuda"
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    try:
+        direct.determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert "flash and memory-efficient SDPA on" in direct.loose_settings
+        direct.determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.flash_sdp_enabled() and direct.loose_settings == ""
+    finally:  # this test process's settings as they were
+        torch.use_deterministic_algorithms(saved[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:5]
+        torch.backends.cuda.enable_flash_sdp(saved[5])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[6])
