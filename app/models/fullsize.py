@@ -97,12 +97,19 @@ def build_from_configs(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the modules' own init is overwritten; seeded so nothing depends on it
             modules = _modules(configs)
-        for index, name in enumerate(COMPONENTS):
-            module = modules[name]
-            fill_deterministic_weights(module, seed * 1000 + index)
-            module.to(getattr(torch, dtype)).eval()
-            module.save_pretrained(tmp / name, safe_serialization=True)
-            del modules[name], module  # full size: keep one component's weights in memory at a time
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its advice on casting concerns fine-tuning, not this
+        try:
+            for index, name in enumerate(COMPONENTS):
+                module = modules[name]
+                fill_deterministic_weights(module, seed * 1000 + index)
+                module.to(getattr(torch, dtype)).eval()
+                module.save_pretrained(tmp / name, safe_serialization=True)
+                del modules[name], module  # full size: keep one component's weights in memory at a time
+        finally:
+            diffusers_logging.set_verbosity(level)
         _add_text_model_prefix(tmp / "text_encoder" / "model.safetensors")
         canonicalize_json_files(tmp)
         normalize_modes(tmp)
