@@ -9,6 +9,7 @@ after every phase so a run cut short still leaves what it found.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -220,11 +221,17 @@ class Run:
         )
 
         overrides = TINY_OVERRIDES if self.o.variant == "tiny" else None
+        recipe = {"variant": self.o.variant, "dtype": self.o.dtype, "seed": FULLSIZE_SEED, "overrides": overrides}
+        stamp = self.o.work / "model.json"  # a rerun with the same --work reuses the folder it built
         started = time.monotonic()
-        build_from_configs(SD15_CONFIG_DIR, self.model_dir, seed=FULLSIZE_SEED, dtype=self.o.dtype,
-                           overrides=overrides)
+        reused = stamp.is_file() and json.loads(stamp.read_text()) == recipe and self.model_dir.is_dir()
+        if not reused:
+            stamp.unlink(missing_ok=True)
+            build_from_configs(SD15_CONFIG_DIR, self.model_dir, seed=FULLSIZE_SEED, dtype=self.o.dtype,
+                               overrides=overrides)
+            stamp.write_text(json.dumps(recipe))
         build_s = time.monotonic() - started
-        files = file_sha256s(self.model_dir)
+        files = file_sha256s(self.model_dir)  # pinned in the registry: the server verifies every byte it loads
         size = sum((self.model_dir / rel).stat().st_size for rel in files)
         self.registry.write_text(yaml.safe_dump(self.registry_document(files), sort_keys=False))
         params = parameter_counts(SD15_CONFIG_DIR, overrides)
@@ -232,11 +239,12 @@ class Run:
             "id": MODEL_ID, "variant": self.o.variant, "dtype": self.o.dtype, "seed": FULLSIZE_SEED,
             "config_folder": "app/models/configs/sd15", "overrides": overrides, "parameters": params,
             "parameters_total": sum(params.values()), "bytes": size, "build_seconds": round(build_s, 2),
-            "files": files,
+            "reused": reused, "files": files,
         }
         self.report.add_check(Check("model_built", "pass",
                                     f"{self.o.variant} SD1.5 architecture, {sum(params.values()):,} parameters, "
-                                    f"{size / 2**20:.1f} MiB {self.o.dtype}, built in {build_s:.1f}s",
+                                    f"{size / 2**20:.1f} MiB {self.o.dtype}, "
+                                    + ("reused from --work" if reused else f"built in {build_s:.1f}s"),
                                     {"files": len(files)}, round(build_s, 3)))
 
     def registry_document(self, files: dict[str, str]) -> dict[str, Any]:
