@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import zipfile
@@ -278,3 +279,29 @@ def test_turning_determinism_off_and_on_again_flips_every_setting_on_cuda():
          torch.backends.cudnn.allow_tf32) = saved[1:5]
         torch.backends.cuda.enable_flash_sdp(saved[5])
         torch.backends.cuda.enable_mem_efficient_sdp(saved[6])
+
+
+def test_a_rerun_with_the_same_work_folder_reuses_the_model_and_pins_its_files(tmp_path, monkeypatch):
+    import yaml
+
+    from app.models import fullsize
+
+    builds = []
+
+    def fake_build(config_dir, out_dir, *, seed, dtype, overrides):
+        builds.append(dtype)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model_index.json").write_text("{}")
+        (out_dir / "weights.safetensors").write_bytes(dtype.encode())
+        return out_dir
+
+    monkeypatch.setattr(fullsize, "build_from_configs", fake_build)
+    monkeypatch.setattr(fullsize, "parameter_counts", lambda *a: {"unet": 1})
+    Run(options(tmp_path)).build_model()
+    second = Run(options(tmp_path))
+    second.build_model()
+    assert builds == ["float32"] and second.report.checks[0].detail.endswith("reused from --work")
+    Run(options(tmp_path, dtype="float16")).build_model()  # another recipe: built again
+    assert builds == ["float32", "float16"]
+    pins = yaml.safe_load((tmp_path / "work" / "registry.yaml").read_text())["models"][0]["sha256"]
+    assert pins["weights.safetensors"] == hashlib.sha256(b"float16").hexdigest()
