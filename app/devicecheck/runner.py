@@ -392,7 +392,7 @@ class Run:
         while time.monotonic() < deadline:
             response = self.server.client.get("/readyz")
             now = next((w for w in response.json()["workers"] if w["id"] == worker["id"]), {})
-            if now.get("state") == "ready" and now.get("pid") not in (None, old_pid):
+            if now.get("state") in ("ready", "busy") and now.get("pid") not in (None, old_pid):
                 break
             time.sleep(0.1)
         else:
