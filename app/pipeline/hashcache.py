@@ -35,22 +35,43 @@ def identity(stat: os.stat_result) -> Identity:
 
 
 class HashCache:
-    """sha256 by file identity; thread-safe; `clock` is wall time (file timestamps are wall time)."""
+    """sha256 by file identity; thread-safe, and a file being hashed by one thread is not read again by
+    another (it waits for that digest); `clock` is wall time (file timestamps are wall time)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._digests: dict[Identity, str] = {}
+        self._inflight: dict[Identity, threading.Event] = {}
         self._lock = threading.Lock()
         self.hashed_bytes = 0  # bytes read to hash, for measurements and tests
 
     def sha256(self, path: Path) -> str:
         """The sha256 of the file's bytes now: from the cache when the file is unchanged since hashed, else read."""
-        before = os.stat(path)  # follows links: a hub view links to its blobs
-        key = identity(before)
+        key = identity(os.stat(path))  # follows links: a hub view links to its blobs
         with self._lock:
             cached = self._digests.get(key)
-        if cached is not None:
-            return cached
+            if cached is not None:
+                return cached
+            running = self._inflight.get(key)
+            if running is None:
+                running = self._inflight[key] = threading.Event()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            running.wait()
+            with self._lock:
+                cached = self._digests.get(key)
+            # None: the other thread's digest was not cacheable (racy, or the file changed): read it here.
+            return cached if cached is not None else self._hash(path, key)
+        try:
+            return self._hash(path, key)
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            running.set()
+
+    def _hash(self, path: Path, key: Identity) -> str:
         started = self._clock()
         digest = file_sha256(Path(path))
         after = os.stat(path)
@@ -74,3 +95,20 @@ CACHE = HashCache()
 def file_sha256_once(path: Path) -> str:
     """sha256 of a model file through this process's cache (see the module docstring for why it is safe)."""
     return CACHE.sha256(path)
+
+
+def prehash(paths: list[Path]) -> threading.Thread:
+    """Hash `paths` into this process's cache on a background thread (hashlib releases the GIL), so a worker's
+    imports and its file hashing overlap; the pin check before loading then finds the digests, or waits for them.
+    Unreadable files are left to that check, which reports them."""
+
+    def run() -> None:
+        for path in paths:
+            try:
+                file_sha256_once(path)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=run, name="sameseed-prehash", daemon=True)
+    thread.start()
+    return thread

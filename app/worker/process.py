@@ -141,6 +141,9 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     _setup_logging(config)
     started = time.perf_counter()
     try:
+        from app.worker.prehash import start_prehash
+
+        start_prehash(config)  # model files hash while torch and diffusers import; the pin check waits for them
         engine = Engine(config)
         for model_id in config.preload:
             engine.model(model_id)

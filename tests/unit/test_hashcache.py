@@ -103,3 +103,48 @@ def test_loading_the_tiny_model_hashes_each_file_once(monkeypatch, registry, tmp
     files = model_files(entry, paths)
     assert sorted(reads) == sorted(files.values())  # verified before loading, checked after: one read each
     assert loaded.files == entry.sha256
+
+
+def test_a_file_being_hashed_is_not_read_again_by_another_thread(tmp_path, monkeypatch):
+    import threading
+
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(b"w" * 1000)
+    entered, release, reads = threading.Event(), threading.Event(), []
+    real = hashcache.file_sha256
+
+    def slow(p: Path) -> str:
+        reads.append(p)
+        entered.set()
+        assert release.wait(10)
+        return real(p)
+
+    monkeypatch.setattr(hashcache, "file_sha256", slow)
+    cache = HashCache(clock=later)
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(cache.sha256(path)))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: results.append(cache.sha256(path)))
+    second.start()
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == [sha(b"w" * 1000)] * 2 and reads == [path]
+
+
+def test_the_prehash_covers_preloaded_local_models_and_neither_downloads_nor_builds(registry, tmp_path):
+    from app.pipeline.loader import model_files, resolve_paths
+    from app.settings import EMBEDDED_REGISTRY
+    from app.worker.messages import WorkerConfig
+    from app.worker.prehash import files_to_prehash, start_prehash
+
+    def config(*preload: str, registry_path: Path = EMBEDDED_REGISTRY) -> WorkerConfig:
+        return WorkerConfig(worker_id="w0", device="cpu", cpu_threads=1, cpu_mkldnn=True,
+                            registry_path=registry_path, data_dir=tmp_path, preload=preload, allow_download=False)
+
+    tiny = registry.get("sameseed-tiny")
+    expected = sorted(model_files(tiny, resolve_paths(tiny, registry, tmp_path, False)).values())
+    assert sorted(files_to_prehash(config("sameseed-tiny", "sameseed-bench"))) == expected
+    assert not (tmp_path / "models" / "sameseed-bench").exists()  # the builtin was not built for it
+    assert start_prehash(config("sameseed-tiny", registry_path=tmp_path / "missing.yaml")) is None
