@@ -12,18 +12,14 @@ FACTORS = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 
 def state_digest(module: Any) -> str:
     """sha256 over a module's parameters' bytes, in name order (any change in dtype or value shows)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_bytes_dtype()).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _bytes_dtype() -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def forced_overflow_check(vae_dir: Path, device: str, size: int) -> tuple[bool, str, dict[str, Any]]:
