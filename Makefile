@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv monitoring-tools clean
+.PHONY: serve test lint bench venv dev-venv monitoring-tools clean device-wheels
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ monitoring-tools:
 
 bench: venv
 	$(VENV)/bin/python -m app bench
+	$(VENV)/bin/python -m app.devicecheck.coldstart --work .sameseed/coldstart
+
+# Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.
+device-wheels: venv
+	$(VENV)/bin/python -m app.devicecheck.wheels --dest .device-wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -352,6 +352,10 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     compare.add_argument("files", nargs="+", type=Path, help="2+ manifest JSON, /v1/generations response or PNG files")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     compare.set_defaults(func=cmd_compare)
+
+    from app.devicecheck.command import add_parser as add_devicecheck
+
+    add_devicecheck(commands)
     return root
 
 

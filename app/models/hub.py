@@ -28,7 +28,7 @@ from typing import Any
 
 from app.errors import ModelUnavailable
 from app.models.registry import ModelEntry
-from app.provenance.hashes import file_sha256
+from app.pipeline.hashcache import file_sha256_once
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def fetch(
     listing = _hub_listing(item, cache_dir)
     selected = _selected(item, model_id, snapshot, listing)
     # 3. Hash (outside the lock: several workers may start at once), check against pins or the hub, pin.
-    hashes = {rel: file_sha256(snapshot / rel) for rel in selected}
+    hashes = {rel: file_sha256_once(snapshot / rel) for rel in selected}
     with _locked(data_dir):
         _check_and_pin(item, model_id, snapshot, hashes, listing, data_dir)
         folder = _link_view(data_dir / VIEWS_DIR / model_id / item.role, {rel: snapshot / rel for rel in hashes})

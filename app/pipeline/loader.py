@@ -12,8 +12,8 @@ from typing import Any
 from app.errors import ModelUnavailable
 from app.models.registry import ModelEntry, Registry
 from app.pipeline.families import FAMILIES
+from app.pipeline.hashcache import file_sha256_once
 from app.pipeline.samplers import SAMPLERS
-from app.provenance.hashes import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ def _folder_files(entry: ModelEntry, folder: Path) -> dict[str, Path]:
 
 
 def verify_files(entry: ModelEntry, paths: ModelPaths) -> dict[str, str]:
-    """Hash every file; refuse pickled weights and any file whose pinned sha256 differs."""
-    files = {rel: file_sha256(path) for rel, path in model_files(entry, paths).items()}
+    """Hash every file (once per process per file version); refuse pickled weights and any pin mismatch."""
+    files = {rel: file_sha256_once(path) for rel, path in model_files(entry, paths).items()}
     for rel, expected in sorted(entry.sha256.items()):
         actual = files.get(rel)
         if actual is None:
@@ -224,7 +224,8 @@ def load_model(entry: ModelEntry, paths: ModelPaths, device: str) -> LoadedModel
         _check_checkpoint_complete(entry, pipe, paths.source, replaced_vae=paths.vae is not None)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    # 5. Files are re-hashed after loading so a swap during the load cannot go unrecorded.
+    # 5. Files are checked again after loading so a swap during the load cannot go unrecorded: an unchanged
+    #    file by its identity (hashcache), a changed or recently changed one by reading it again.
     if verify_files(entry, paths) != files:
         raise ModelUnavailable(f"model {entry.id!r}: files changed while loading", param="model")
     return LoadedModel(

@@ -1,0 +1,46 @@
+"""Start hashing a worker's preloaded model files before its torch and diffusers imports, to overlap the two."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from app.worker.messages import WorkerConfig
+
+log = logging.getLogger("app.worker")
+
+
+def files_to_prehash(config: WorkerConfig) -> list[Path]:
+    """The files of the preloaded models that are on disk already: local folders, single files, built models.
+
+    Hub models are left out (their pull hashes them, with its own locking), as are builtins not built yet:
+    nothing here downloads or builds. Any problem is left to the load, which reports it.
+    """
+    from app.models.registry import load_registry
+    from app.pipeline.loader import model_files, resolve_paths
+
+    registry = load_registry(config.registry_path)
+    found: list[Path] = []
+    for model_id in config.preload:
+        entry = registry.get(model_id)
+        if entry is None or entry.source.hub is not None or (entry.vae is not None and entry.vae.hub is not None):
+            continue
+        folder = registry.local_folder(entry, config.data_dir)
+        if entry.source.build is not None and not (folder is not None and (folder / "model_index.json").is_file()):
+            continue
+        paths = resolve_paths(entry, registry, config.data_dir, allow_download=False)
+        found.extend(model_files(entry, paths).values())
+    return found
+
+
+def start_prehash(config: WorkerConfig) -> threading.Thread | None:
+    """Hash the preloaded models' files on a background thread into the process's cache; None when none."""
+    from app.pipeline.hashcache import prehash
+
+    try:
+        files = files_to_prehash(config)
+    except Exception as exc:  # the load itself will fail with the reason; this is only a head start
+        log.debug("no prehash: %s", exc)
+        return None
+    return prehash(files) if files else None
