@@ -74,13 +74,21 @@ def test_readme_python_snippets_run_as_written(server, tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     printed = []
-    for block in blocks:
+    for block in blocks:  # the front doors' snippets talk to the README's address: here, the test server's
+        block = block.replace("http://127.0.0.1:8000", server.url)
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - the README is ours
         printed.append(capsys.readouterr().out.split())
     key_id = body["manifest"]["signature"]["key_id"]
-    assert printed == [
+    assert printed[:4] == [
         [body["images"][0]["pixel_sha256"]],
         ["True"],
         ["signature", "valid,", "key", key_id],
         ["Valid", DIGITAL_SOURCE_TYPE],
     ]
+    # the OpenAI and A1111 snippets: seeds 1234 and 1235 with the native route's pixel hashes
+    native = server.generate(prompt="a photo of a cat", seed=1234, num_images=2, sampler="euler_a")
+    pixels = [image["pixel_sha256"] for image in native["images"]]
+    openai_lines = printed[4]
+    assert (openai_lines[0], openai_lines[2], openai_lines[3], openai_lines[5]) == ("1234", pixels[0], "1235", pixels[1])
+    assert " ".join(printed[5]) == f"[1234, 1235] ['{pixels[0]}', '{pixels[1]}']"
+    assert len(printed) == 6
