@@ -88,7 +88,7 @@ def test_readme_python_snippets_run_as_written(server, tmp_path, monkeypatch, ca
     # the OpenAI and A1111 snippets: seeds 1234 and 1235 with the native route's pixel hashes
     native = server.generate(prompt="a photo of a cat", seed=1234, num_images=2, sampler="euler_a")
     pixels = [image["pixel_sha256"] for image in native["images"]]
-    openai_lines = printed[4]
-    assert (openai_lines[0], openai_lines[2], openai_lines[3], openai_lines[5]) == ("1234", pixels[0], "1235", pixels[1])
+    seed_0, _, pixel_0, seed_1, _, pixel_1 = printed[4]
+    assert (seed_0, pixel_0, seed_1, pixel_1) == ("1234", pixels[0], "1235", pixels[1])
     assert " ".join(printed[5]) == f"[1234, 1235] ['{pixels[0]}', '{pixels[1]}']"
     assert len(printed) == 6
