@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv clean
+.PHONY: serve test container-test lint bench venv dev-venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ lint: dev-venv
 
 test: lint
 	$(VENV)/bin/python -m pytest
+
+# Builds the image (local base), runs it with docker compose and tests it; installs and starts Docker if
+# missing (root). README "Container test".
+container-test: dev-venv
+	bash tests/container/container-test.sh
 
 bench: venv
 	$(VENV)/bin/python -m app bench

@@ -120,25 +120,37 @@ def test_compose_file_follows_the_compose_specification(tmp_path):
 
 def test_base_image_is_pinned_and_its_cuda_matches_the_torch_build():
     args = arg_defaults()
-    for image in (args["CUDA_IMAGE"], args["UV_IMAGE"]):
+    for image in (args["BASE_IMAGE"], args["UV_IMAGE"]):
         assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
     froms = [rest.split()[0] for keyword, rest in instructions(ROOT / "Dockerfile") if keyword == "FROM"]
-    assert froms == ["${UV_IMAGE}", "${CUDA_IMAGE}", "${CUDA_IMAGE}"]
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu24\.04@.*", args["CUDA_IMAGE"])
+    assert froms == ["${UV_IMAGE}", "${BASE_IMAGE}", "${BASE_IMAGE}"]  # one base for build and runtime
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu24\.04@.*", args["BASE_IMAGE"])
     assert cuda, "an official nvidia/cuda base image (the base flavour: cuDNN comes from the lock)"
     toolkit = next(line for line in lock_lines("requirements-cuda.lock") if line.startswith("cuda-toolkit=="))
     assert toolkit.removeprefix("cuda-toolkit==").split(".")[:2] == list(cuda.groups())
     assert "torch==2.13.0" in lock_lines("requirements.lock")
-    # Python of the image: the minor version CI runs and pyproject requires
-    python = re.search(r"uv python install (3\.(\d+)\.\d+)", (ROOT / "Dockerfile").read_text()).group(2)
+    # Python of the image: the minor version CI runs and pyproject requires, whichever source builds it
+    assert args["PYTHON_SOURCE"] == "uv"
+    text = (ROOT / "Dockerfile").read_text()
+    python = re.search(r"uv python install (3\.(\d+)\.\d+)", text).group(2)
     assert (3, int(python)) == sys.version_info[:2] == (3, 11)
+    assert "uv venv --python /usr/bin/python3.11 " in text  # PYTHON_SOURCE=base: the base image's 3.11
+
+
+def test_python_source_is_recorded_in_the_labels():
+    labels = one("LABEL")
+    assert 'io.sameseed.python.source="${PYTHON_SOURCE}"' in labels
+    assert 'org.opencontainers.image.base.name="${BASE_IMAGE}"' in labels
 
 
 def test_image_installs_both_locks_without_resolving_and_checks_them():
     build = " ".join(rest for keyword, rest in instructions(ROOT / "Dockerfile") if keyword == "RUN")
-    install = re.search(r"uv pip install ([^&]+)", build).group(1)
-    assert "--no-deps" in install.split()
-    assert "-r /tmp/lock/requirements.lock" in install and "-r /tmp/lock/requirements-cuda.lock" in install
+    installs = re.findall(r"uv pip install ([^&;]+)", build)
+    assert len(installs) == 2 and all("--no-deps" in install.split() for install in installs)
+    wheels, locks = installs
+    assert "--offline" in wheels.split()  # local-build/ wheels never resolve anything
+    assert "-r /tmp/lock/%s" in locks and "for lock in ${LOCKS}" in locks
+    assert arg_defaults()["LOCKS"].strip('"').split() == ["requirements.lock", "requirements-cuda.lock"]
     assert "uv pip check" in build
 
 
@@ -170,7 +182,7 @@ def test_image_environment_names_only_real_settings_and_valid_values(tmp_path):
         assert settings.image_identity() == {
             "version": app.__version__,
             "revision": "unknown",
-            "base": arg_defaults()["CUDA_IMAGE"],
+            "base": arg_defaults()["BASE_IMAGE"],
         }
 
 
