@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="API keys, one per line (plain or sha256:<hex>); set: Bearer auth required."
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without API keys on a non-loopback SAMESEED_HOST (a warning in the log and /readyz).",
+    )
     retention_days: Annotated[float | None, Field(gt=0)] = Field(
         default=None, description="Prune image files older than this; ledger rows stay. Absent: keep forever."
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 import app
@@ -19,7 +19,7 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
+async def readyz(request: Request, dispatcher: DispatcherDep) -> JSONResponse:
     """200 when a worker has its pipeline loaded, else 503; lists every worker either way."""
     body = ReadyResponse(
         ready=dispatcher.ready(),
@@ -29,6 +29,7 @@ async def readyz(dispatcher: DispatcherDep) -> JSONResponse:
             WorkerStatus(**w.describe(), consistency=dispatcher.consistency_state(w.id))
             for w in dispatcher.workers()
         ],
+        warnings=getattr(request.app.state, "warnings", []),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 

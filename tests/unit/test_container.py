@@ -145,7 +145,7 @@ def test_python_source_is_recorded_in_the_labels():
 
 def test_image_installs_both_locks_without_resolving_and_checks_them():
     build = " ".join(rest for keyword, rest in instructions(ROOT / "Dockerfile") if keyword == "RUN")
-    installs = re.findall(r"uv pip install ([^&;]+)", build)
+    installs = re.findall(r"uv pip install (.+?)(?:; fi|&&)", build)
     assert len(installs) == 2 and all("--no-deps" in install.split() for install in installs)
     wheels, locks = installs
     assert "--offline" in wheels.split()  # local-build/ wheels never resolve anything
@@ -229,7 +229,10 @@ def test_compose_reserves_every_gpu_keeps_state_in_volumes_and_rotates_logs():
         targets = {volume.split(":")[1] for volume in service["volumes"]}
         assert targets == {env["SAMESEED_DATA_DIR"], env["HF_HOME"]}
         assert all(volume.split(":")[0] in spec["volumes"] for volume in service["volumes"])  # named volumes
-        assert service["ports"] == ["${SAMESEED_PUBLISHED_PORT:-8000}:" + env["SAMESEED_PORT"]]
+        published = "${SAMESEED_PUBLISHED_PORT:-8000}:" + env["SAMESEED_PORT"]
+        # the anonymous CPU try-out is published on loopback only; the GPU service needs keys or .env's opt-out
+        assert service["ports"] == ([published] if service is gpu else ["127.0.0.1:" + published])
+        assert service["environment"].get("SAMESEED_ALLOW_ANONYMOUS") == (None if service is gpu else "true")
         assert service["restart"] == "unless-stopped"
         assert service["logging"]["driver"] == "json-file" and {"max-size", "max-file"} <= set(
             service["logging"]["options"]
@@ -258,7 +261,7 @@ def test_dockerignore_admits_only_what_the_image_copies():
     copied = set()
     for keyword, rest in instructions(ROOT / "Dockerfile"):
         if keyword == "COPY" and "--from" not in rest:
-            copied.update(rest.split()[:-1])
+            copied.update(source.rstrip("/") for source in rest.split()[:-1])
     assert admitted == copied
 
 
