@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import app
 from app.api import consistency, generations, health, metrics, models, provenance, reproduce
 from app.api.auth import install_api_keys
+from app.api.docs import install_offline_docs
 from app.api.limits import BodyLimitMiddleware
 from app.archive import Archive
 from app.consistency import ConsistencyMonitor
@@ -87,6 +88,7 @@ def create_app(settings: Settings, pool_factory: PoolFactory = WorkerPool) -> Fa
     routers = (generations, health, models, metrics, provenance, consistency, reproduce)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
+    install_offline_docs(fastapi_app)
     install_error_handlers(fastapi_app)
     fastapi_app.add_middleware(BodyLimitMiddleware)
     install_api_keys(fastapi_app, settings)
