@@ -164,8 +164,12 @@ def test_manifest_runtime_image_carries_the_oci_labels(first):
         "revision": labels["org.opencontainers.image.revision"],
         "base": labels["org.opencontainers.image.base.name"],
     }
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert labels["org.opencontainers.image.revision"].removesuffix("-dirty") == head
+    # the commit the image was built from (container-test.sh passes it as SAMESEED_REVISION)
+    revision = labels["org.opencontainers.image.revision"]
+    assert revision == os.environ["SAMESEED_CT_REVISION"]
+    kind = subprocess.run(["git", "cat-file", "-t", revision.removesuffix("-dirty")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert kind.stdout.strip() == "commit", revision
     assert labels["io.sameseed.python.source"] == "base"
 
 

