@@ -74,7 +74,7 @@ step "image size: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf 
 
 step "tests/container (compose up, checks, compose down)"
 status=0
-SAMESEED_CT_IMAGE="$image" SAMESEED_CT_REVISION="$revision" "$VENV/bin/python" -m pytest -p no:cacheprovider -o addopts="-ra --strict-markers" -s \
+SAMESEED_CT_IMAGE="$image" SAMESEED_CT_REVISION="$revision" "$VENV/bin/python" -m pytest -p no:cacheprovider -o addopts="-ra --strict-markers" -s --durations=12 \
     tests/container "$@" || status=$?
 step "done (exit $status)"
 exit "$status"

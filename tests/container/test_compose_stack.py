@@ -146,6 +146,7 @@ def test_generation_equals_the_host_venv_server_bit_for_bit_when_keys_are_equal(
     if inside_key == outside_key:
         assert [i["pixel_sha256"] for i in first["images"]] == [i["pixel_sha256"] for i in outside["images"]]
         assert [i["latent_sha256"] for i in first["images"]] == [i["latent_sha256"] for i in outside["images"]]
+        print(f"container and host .venv: equal keys ({inside_key}), equal bits")
         return
     inside_fields, outside_fields = key_fields(first["manifest"]), key_fields(outside["manifest"])
     differing = {k: (v, outside_fields[k]) for k, v in inside_fields.items() if v != outside_fields[k]}
@@ -268,9 +269,15 @@ def test_health_turns_unhealthy_when_the_model_is_missing(tmp_path: Path):
     try:
         seen = missing.wait_health("unhealthy", deadline_s=180)
         assert seen[0] == "starting" and seen[-1] == "unhealthy" and "healthy" not in seen, seen
-        ready = missing.client.get("/readyz")
+        # the cause, as /readyz names it: the worker failed on the model that was never pulled
+        end = time.monotonic() + 180
+        while (ready := missing.client.get("/readyz")).json()["workers"][0]["state"] != "failed":
+            assert ready.status_code == 503 and time.monotonic() < end, ready.text
+            time.sleep(0.5)
         assert ready.status_code == 503
-        print("readyz while unhealthy:", ready.json()["workers"])
+        error = ready.json()["workers"][0]["last_error"]
+        assert error.startswith("model_unavailable") and "models pull sd15" in error, error
+        assert missing.state()["Health"] == "unhealthy"  # and it stays so
     finally:
         missing.down("--volumes")
         missing.client.close()
