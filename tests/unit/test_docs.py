@@ -12,7 +12,7 @@ from tests.fakes import FakePool
 def test_docs_page_names_only_assets_this_server_serves(tmp_path):
     application = create_app(
         Settings(data_dir=tmp_path, workers="cpu:1"),
-        pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True),
+        pool_factory=lambda *args: FakePool(*args, auto=True),
     )
     with TestClient(application) as client:
         page = client.get("/docs")

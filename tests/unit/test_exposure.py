@@ -12,7 +12,7 @@ from tests.fakes import FakePool
 
 def make(tmp_path, **overrides):
     settings = Settings(data_dir=tmp_path, workers="cpu:1", **overrides)
-    return create_app(settings, pool_factory=lambda configs, sink: FakePool(configs, sink, auto=True))
+    return create_app(settings, pool_factory=lambda *args: FakePool(*args, auto=True))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "sameseed.example"])
