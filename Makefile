@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv monitoring-tools clean device-wheels
+.PHONY: serve test container-test lint bench venv dev-venv monitoring-tools clean device-wheels
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ monitoring-tools:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
 	fi
+
+# Builds the image (local base), runs it with docker compose and tests it; installs and starts Docker if
+# missing (root). README "Container test".
+container-test: dev-venv
+	bash tests/container/container-test.sh
 
 bench: venv
 	$(VENV)/bin/python -m app bench

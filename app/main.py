@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import app
 from app.api import a1111, consistency, generations, health, metrics, models, openai_images, provenance, reproduce
 from app.api.auth import install_api_keys
+from app.api.docs import install_offline_docs
 from app.api.limits import BodyLimitMiddleware
 from app.api.openapi import install_openapi, operation_id
 from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
@@ -100,6 +101,7 @@ def create_app(
     routers = (generations, health, models, metrics, provenance, consistency, reproduce, openai_images, a1111)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
+    install_offline_docs(fastapi_app)
     install_error_handlers(fastapi_app)
     fastapi_app.add_middleware(BodyLimitMiddleware)
     install_api_keys(fastapi_app, settings)

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     c2pa_trust_anchors_file: Path | None = Field(
         default=None, description="CA certificates (PEM) whose C2PA signers POST /v1/verify reports as trusted."
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without API keys on a non-loopback SAMESEED_HOST (a warning in the log and /readyz).",
+    )
     retention_days: Annotated[float | None, Field(gt=0)] = Field(
         default=None, description="Prune image files older than this; ledger rows stay. Absent: keep forever."
     )

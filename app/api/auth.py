@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.exposure import anonymous_exposure
 from app.api.openai_images import OPENAI_PATH_PREFIX, openai_error_response
 from app.errors import Unauthorized
 from app.settings import Settings
@@ -109,23 +109,18 @@ class ApiKeyMiddleware:
         await JSONResponse(error.body(), status_code=error.status, headers=error.headers())(scope, receive, send)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def install_api_keys(app: FastAPI, settings: Settings) -> None:
-    """Require API keys when SAMESEED_API_KEYS_FILE is set; warn when an open server listens beyond loopback."""
+    """Require API keys when SAMESEED_API_KEYS_FILE is set; beyond loopback without keys, start only if opted out.
+
+    ValueError when an anonymous server would listen beyond loopback without SAMESEED_ALLOW_ANONYMOUS;
+    with it, the warning is logged and kept in app.state.warnings (shown by /readyz).
+    """
+    app.state.warnings = []
     if settings.api_keys_file is None:
-        if not _is_loopback(settings.host):
-            log.warning(
-                "listening on %s without SAMESEED_API_KEYS_FILE: anyone who reaches the port can generate",
-                settings.host,
-            )
+        warning = anonymous_exposure(settings)
+        if warning is not None:
+            log.warning(warning)
+            app.state.warnings.append(warning)
         return
     keys = ApiKeys.load(settings.api_keys_file)
     app.add_middleware(ApiKeyMiddleware, keys=keys)

@@ -31,6 +31,7 @@ async def readyz(generations: GenerationDep, request: Request) -> JSONResponse:
             WorkerStatus(**w.describe(), consistency=monitor.worker(w.id).state if monitor else None)
             for w in dispatcher.workers()
         ],
+        warnings=getattr(request.app.state, "warnings", []),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 

