@@ -95,6 +95,8 @@ class ApiKeyMiddleware:
             return
         scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and key.strip() and self.keys.allows(key.strip()):
+            # jobs belong to the key that made them: routes read this digest (never the key) as the owner
+            scope.setdefault("state", {})["api_key_owner"] = hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
             await self.app(scope, receive, send)
             return
         error = Unauthorized(
