@@ -101,7 +101,9 @@ async def create_generation(
         return JSONResponse(status, status_code=202, headers=headers)
     if _wants(accept, "text/event-stream"):
         job = await jobs.submit(params, durable=False, **options)
-        return EventSourceResponse(_sse(job.follow(), on_close=lambda: jobs.abandon(job)))
+        # the job's id before any event: another client can read its status or cancel it meanwhile
+        headers = {"Content-Location": f"/v1/generations/{job.id}", "Cache-Control": "no-store"}
+        return EventSourceResponse(_sse(job.follow(), on_close=lambda: jobs.abandon(job)), headers=headers)
     stored = await generations.create(
         params,
         reproducibility_key=body.reproducibility_key,

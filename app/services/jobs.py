@@ -83,6 +83,10 @@ class Job:
         signal, self._signal = self._signal, asyncio.Event()
         signal.set()
 
+    def changed(self) -> asyncio.Event:
+        """An event set when the next event is appended (take it before reading `events`)."""
+        return self._signal
+
     async def follow(self, after: int = 0) -> AsyncIterator[JobEvent | None]:
         """Every event with an id above `after`, then new ones as they come, until the final one.
 
@@ -396,7 +400,7 @@ class JobService:
         self.cancel(job)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not job.finished and asyncio.get_running_loop().time() < deadline:
-            signal = job._signal
+            signal = job.changed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(signal.wait(), deadline - asyncio.get_running_loop().time())
 
