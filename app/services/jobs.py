@@ -15,16 +15,24 @@ import collections
 import contextlib
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.errors import ClientDisconnected, GenerationNotFound, Interrupted, JobCanceled, SameseedError
+from app.errors import (
+    ClientDisconnected,
+    GenerationNotFound,
+    Interrupted,
+    JobCanceled,
+    SameseedError,
+    StorageUnavailable,
+)
 from app.params import GenerationParams
 from app.provenance.manifest import Manifest
 from app.scheduler.work import Progress, Work, WorkState, utc_now
 from app.services.generation import GenerationService, new_generation_id
-from app.store.ledger import JobRow, JobState, Ledger
+from app.store.ledger import JobRow, JobState, Ledger, LedgerError
 
 log = logging.getLogger("app.jobs")
 
@@ -215,7 +223,10 @@ class JobService:
                 received_at=job.received_at, updated_at=job.updated_at, owner=owner,
                 reproducibility_key=reproducibility_key,
             )
-            await self._write(self.ledger.insert_job, row)
+            try:
+                await self._write(self.ledger.insert_job, row)
+            except (sqlite3.Error, OSError, LedgerError) as exc:  # not recorded: not accepted
+                raise StorageUnavailable(f"the ledger cannot record the job ({exc})") from None
         try:
             job.work = self.generations.submit(
                 params, work_id=job.id, reproducibility_key=reproducibility_key, received_at=job.received_at,
