@@ -122,8 +122,7 @@ async def _sse(
             if event is None:
                 yield format_sse_event(comment="keepalive")
                 continue
-            data = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False)
-            yield format_sse_event(data_str=data, event=event.name, id=str(event.id))
+            yield format_sse_event(data_str=event.data_json, event=event.name, id=str(event.id))
     finally:
         if on_close is not None:  # a no-op once the job ended; else the client left: stop its work
             on_close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
@@ -43,13 +44,18 @@ KEEP_FINISHED = 512  # finished jobs whose events stay in memory (older ones ans
 Presenter = Callable[[Manifest, list[bytes] | None, str], dict[str, Any]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class JobEvent:
     """One numbered event of a job's life; ids start at 1 and have no gaps."""
 
     id: int
     name: str
     data: dict[str, Any]
+
+    @functools.cached_property
+    def data_json(self) -> str:
+        """`data` as compact JSON, encoded once however many clients follow the job."""
+        return json.dumps(self.data, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(eq=False)
@@ -109,7 +115,8 @@ class Job:
             if self.finished:
                 return
             try:
-                await asyncio.wait_for(signal.wait(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):  # no extra task per wait: cheap with many followers
+                    await signal.wait()
             except TimeoutError:
                 yield None
 
