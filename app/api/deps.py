@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from app.errors import NotReady
 from app.services.consistency import ConsistencyMonitor
 from app.services.generation import GenerationService
-from app.services.jobs import JobService
+from app.services.jobs import ADMIN, JobService
 from app.settings import Settings
 from app.store.archive import Archive
 
@@ -38,7 +38,9 @@ def get_jobs(request: Request) -> JobService:
 
 
 def get_owner(request: Request) -> str | None:
-    """Who made the request: the sha256 (hex) of its API key when keys are on, else None."""
+    """Who made the request: the sha256 (hex) of its API key when keys are on (ADMIN for an admin key), else None."""
+    if getattr(request.state, "api_key_admin", False):
+        return ADMIN
     return getattr(request.state, "api_key_owner", None)
 
 

@@ -38,6 +38,7 @@ from app.store.ledger import JobRow, JobState, Ledger, LedgerError
 log = logging.getLogger("app.jobs")
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
+ADMIN = "admin"  # the owner of requests made with an admin API key: they see every job
 KEEP_FINISHED = 512  # finished jobs whose events stay in memory (older ones answer from the ledger)
 
 # (manifest, PNGs or None when pruned, response_format) -> the JSON a synchronous POST answers
@@ -441,8 +442,8 @@ def _not_found(job_id: str) -> GenerationNotFound:
 
 
 def _may_see(job_owner: str | None, owner: str | None) -> bool:
-    """A job made with an API key is visible to that key only (no key on the server: to everyone)."""
-    return job_owner is None or job_owner == owner
+    """A job made with an API key is visible to that key and admin keys only (no keys on the server: to everyone)."""
+    return job_owner is None or job_owner == owner or owner == ADMIN
 
 
 async def _final_only(status: dict[str, Any], after: int) -> AsyncIterator[JobEvent | None]:

@@ -170,11 +170,11 @@ def test_a_job_left_unfinished_by_a_killed_server_is_reported_failed_after_resta
 @pytest.fixture()
 def keys_file(tmp_path):
     path = tmp_path / "api_keys"
-    path.write_text("alice-key-0123456789\nbob-key-0123456789ab\n")
+    path.write_text("alice-key-0123456789\nbob-key-0123456789ab\nadmin root-key-0123456789a\n")
     return path
 
 
-def test_a_job_is_visible_only_to_the_api_key_that_made_it(tmp_path, keys_file):
+def test_a_job_is_visible_only_to_the_api_key_that_made_it_and_admin_keys(tmp_path, keys_file):
     alice = {"Authorization": "Bearer alice-key-0123456789"}
     bob = {"Authorization": "Bearer bob-key-0123456789ab"}
     with make_client(tmp_path / "data", [], api_keys_file=keys_file) as client:
@@ -185,3 +185,6 @@ def test_a_job_is_visible_only_to_the_api_key_that_made_it(tmp_path, keys_file):
             refused = client.request(method, path + suffix, headers=bob)
             assert refused.status_code == 404 and refused.json()["error"]["type"] == "generation_not_found"
         assert client.get(path + "/events", headers=alice).status_code == 200
+        admin = {"Authorization": "Bearer root-key-0123456789a"}  # an admin key sees every job
+        assert client.get(path, headers=admin).json()["state"] == "succeeded"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer admin"}).status_code == 401
