@@ -145,6 +145,18 @@ class JobTimeout(SameseedError):
     status, type = 504, "timeout"
 
 
+class JobCanceled(SameseedError):
+    """The job was canceled (POST /v1/generations/{id}/cancel) before it finished."""
+
+    status, type = 409, "canceled"
+
+
+class Interrupted(SameseedError):
+    """The server stopped before an accepted job finished; the same request gives the same images."""
+
+    status, type = 503, "interrupted"
+
+
 class GenerationFailed(SameseedError):
     """The pipeline raised while generating; the worker keeps serving."""
 
@@ -169,8 +181,10 @@ ERRORS: tuple[type[SameseedError], ...] = (
     InvalidRequest,
     QueueFull,
     ClientDisconnected,
+    JobCanceled,
     GenerationFailed,
     NotReady,
+    Interrupted,
     ModelUnavailable,
     OutOfMemory,
     WorkerLost,

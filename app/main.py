@@ -23,6 +23,7 @@ from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
 from app.services.generation import GenerationService
+from app.services.jobs import JobService
 from app.settings import Settings
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
@@ -77,6 +78,11 @@ def create_app(
             archive=archive,
             metrics=metrics_,
         )
+        jobs = JobService(
+            generations=fastapi_app.state.generations, ledger=archive.ledger, present=generations.present_result
+        )
+        fastapi_app.state.jobs = jobs
+        await jobs.start()  # jobs a previous process left unfinished are reported failed before any new one
         dispatcher.start()
         monitor.start_periodic()
         try:
@@ -85,6 +91,7 @@ def create_app(
             try:
                 monitor.stop()
                 await dispatcher.close()
+                await jobs.stop()
             finally:
                 await archive.stop()
 

@@ -32,22 +32,28 @@ _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 class ApiKeys:
     """The sha256 digests of the accepted API keys."""
 
-    def __init__(self, digests: list[bytes]) -> None:
+    def __init__(self, digests: list[bytes], admins: list[bytes] | None = None) -> None:
         if not digests:
             raise ValueError("an API keys list needs at least one key")
         self._digests = tuple(digests)
+        self._admins = tuple(admins or ())  # a subset of digests: these keys see every client's jobs
 
     def __len__(self) -> int:
         return len(self._digests)
 
     @classmethod
     def parse(cls, text: str, source: str = "the API keys file") -> ApiKeys:
-        """Read keys, one a line: a plain key, or `sha256:<64 hex>` of one; `#` starts a comment line."""
-        digests = []
+        """Read keys, one a line: a plain key, or `sha256:<64 hex>` of one, either after `admin ` for a key
+        that sees every client's jobs; `#` starts a comment line."""
+        digests: list[bytes] = []
+        admins: list[bytes] = []
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
+            admin = line.startswith("admin ")
+            if admin:
+                line = line.removeprefix("admin ").strip()
             hashed = _HASHED.match(line)
             if hashed:
                 digests.append(bytes.fromhex(hashed.group(1)))
@@ -59,9 +65,11 @@ class ApiKeys:
                 raise ValueError(f"{source} line {number}: a key needs at least {MIN_KEY_LENGTH} characters")
             else:
                 digests.append(hashlib.sha256(line.encode("utf-8")).digest())
+            if admin:
+                admins.append(digests[-1])
         if not digests:
             raise ValueError(f"{source} holds no key; add one or unset SAMESEED_API_KEYS_FILE")
-        return cls(digests)
+        return cls(digests, admins)
 
     @classmethod
     def load(cls, path: Path) -> ApiKeys:
@@ -71,6 +79,14 @@ class ApiKeys:
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror}") from None
         return cls.parse(text, source=str(path))
+
+    def is_admin(self, key: str) -> bool:
+        """True if `key` is an admin key (compared in constant time, as `allows`)."""
+        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        found = False
+        for admin in self._admins:
+            found |= hmac.compare_digest(digest, admin)
+        return found
 
     def allows(self, key: str) -> bool:
         """True if `key` is one of the keys; every digest is compared, in constant time."""
@@ -96,6 +112,10 @@ class ApiKeyMiddleware:
             return
         scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and key.strip() and self.keys.allows(key.strip()):
+            # jobs belong to the key that made them: routes read this digest (never the key) as the owner
+            state = scope.setdefault("state", {})
+            state["api_key_owner"] = hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
+            state["api_key_admin"] = self.keys.is_admin(key.strip())
             await self.app(scope, receive, send)
             return
         error = Unauthorized(

@@ -45,3 +45,4 @@ WORK_ERRORS = (
 ERROR_RESPONSES = error_responses(*WORK_ERRORS)
 GENERATION_ERRORS = error_responses(*WORK_ERRORS, KeyUnavailable, StorageUnavailable)
 LEDGER_ERRORS = error_responses(GenerationNotFound, ImageGone, InvalidRequest, StorageUnavailable)
+JOB_ERRORS = error_responses(GenerationNotFound, InvalidRequest, StorageUnavailable)

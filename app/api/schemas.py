@@ -86,6 +86,30 @@ class GenerationResponse(BaseModel):
     manifest: Manifest
 
 
+class StepProgress(BaseModel):
+    """The step a running job last finished."""
+
+    index: int = Field(description="The image being rendered.")
+    step: int = Field(description="Denoising steps finished of this image.")
+    steps: int = Field(description="Denoising steps of this image in all.")
+
+
+class JobStatus(BaseModel):
+    """GET /v1/generations/{id} of a job (202 of `Prefer: respond-async`): where it is, and its answer once done."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    received_at: str
+    updated_at: str
+    num_images: int
+    images_done: int
+    steps_done: int = Field(description="Denoising steps finished over all images (a canceled job: where it stopped).")
+    queue_position: int | None = Field(description="1: starts next; null unless queued.")
+    progress: StepProgress | None = Field(description="The last finished step while running.")
+    error: ErrorDetail | None = Field(description="Why it failed or was canceled.")
+    result: GenerationResponse | None = Field(description="Once succeeded: the answer a synchronous POST gives.")
+
+
 class ErrorDetail(BaseModel):
     """The body of every error."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import tempfile
@@ -10,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from app.cli.server_process import ServerProcess
 
@@ -34,6 +37,10 @@ class BenchReport:
     ready_runs_s: list[float]
     params: dict[str, Any]
     c2pa_sign_median_ms: dict[str, float] = field(default_factory=dict)  # PNG size -> ms per image
+    listeners: int = 0
+    throughput_quiet_ips: float = 0.0
+    throughput_listened_ips: float = 0.0
+    listener_slowdown: float = 0.0  # 1 - listened / quiet
 
     def table(self) -> str:
         """A plain-text table of the results against their targets."""
@@ -48,6 +55,17 @@ class BenchReport:
             ("cpu:1 throughput", f"{self.throughput_1_worker_ips:.3f} img/s", ""),
             ("cpu:2 throughput", f"{self.throughput_2_workers_ips:.3f} img/s", ""),
             ("scaling (cpu:2 / cpu:1)", f"{self.scaling:.2f}x", _verdict(self.scaling >= 1.7, ">= 1.7")),
+            ("cpu:2 async jobs, no event stream, median", f"{self.throughput_quiet_ips:.3f} img/s", ""),
+            (
+                f"cpu:2 async jobs, {self.listeners} SSE listeners, median",
+                f"{self.throughput_listened_ips:.3f} img/s",
+                "",
+            ),
+            (
+                "slowdown with listeners",
+                f"{100 * self.listener_slowdown:.1f} %",
+                _verdict(self.listener_slowdown < 0.03, "< 3 %"),
+            ),
             (
                 "process start to ready, median",
                 f"{self.ready_median_s:.2f} s",
@@ -143,6 +161,52 @@ def measure_throughput(work: Path, workers: int, images: int, params: dict[str, 
         server.stop()
 
 
+async def _async_round(base_url: str, images: int, params: dict[str, Any], listeners: int) -> float:
+    """Submit `images` async jobs, optionally follow them with `listeners` SSE streams; images/s to the last."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=600.0, limits=httpx.Limits(max_connections=None)) as client:
+
+        async def listen(location: str) -> None:
+            async with client.stream("GET", location + "/events") as response:
+                async for _ in response.aiter_lines():  # every event is read, as a real client would
+                    pass
+
+        started = time.perf_counter()
+        locations = []
+        for k in range(images):
+            response = await client.post(
+                "/v1/generations",
+                json={**params, "model": BENCH_MODEL, "sampler": "pndm", "seed": 2000 + k, "response_format": "url"},
+                headers={"Prefer": "respond-async"},
+            )
+            if response.status_code != 202:
+                raise RuntimeError(f"bench job refused: {response.status_code} {response.text[:500]}")
+            locations.append(response.headers["location"])
+        streams = [asyncio.create_task(listen(locations[i % images])) for i in range(listeners)]
+        for location in locations:
+            while (await client.get(location)).json()["state"] not in ("succeeded", "failed", "canceled"):
+                await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        await asyncio.gather(*streams)
+        return images / elapsed
+
+
+def measure_listener_cost(
+    work: Path, images: int, params: dict[str, Any], listeners: int = 200, rounds: int = 3
+) -> tuple[float, float]:
+    """Median images/s of a busy `cpu:2` server on async jobs without and with `listeners` SSE streams, interleaved."""
+    server = ServerProcess(work / "data", SAMESEED_WORKERS="cpu:2", SAMESEED_DEFAULT_MODEL=BENCH_MODEL).start()
+    try:
+        asyncio.run(_async_round(server.url, 2, params, 0))  # warm both workers
+        quiet, listened = [], []
+        for i in range(rounds):
+            for count in ((0, listeners) if i % 2 == 0 else (listeners, 0)):
+                rate = asyncio.run(_async_round(server.url, images, params, count))
+                (listened if count else quiet).append(rate)
+    finally:
+        server.stop()
+    return statistics.median(quiet), statistics.median(listened)
+
+
 def measure_ready(work: Path, runs: int) -> list[float]:
     """Seconds from spawning `python -m app serve` (embedded default model) to /readyz 200."""
     times = []
@@ -186,7 +250,9 @@ def measure_content_credentials(work: Path, runs: int, size: int) -> float:
     return statistics.median(times)
 
 
-def run_bench(*, runs: int = 9, images: int = 12, ready_runs: int = 3, out: Path | None = None) -> BenchReport:
+def run_bench(
+    *, runs: int = 9, images: int = 12, ready_runs: int = 3, listeners: int = 200, out: Path | None = None
+) -> BenchReport:
     """Run every measurement in one process, print the table, optionally write JSON."""
     params = {"prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128}
     with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
@@ -196,6 +262,7 @@ def run_bench(*, runs: int = 9, images: int = 12, ready_runs: int = 3, out: Path
         one = measure_throughput(work, 1, images, params)
         two = measure_throughput(work, 2, images, params)
         c2pa_ms = {f"{n}x{n}": measure_content_credentials(work, 20, n) for n in C2PA_SIZES}
+        quiet, listened = measure_listener_cost(work, images, params, listeners)
     report = BenchReport(
         overhead_http_median_s=http_s,
         overhead_direct_median_s=direct_s,
@@ -207,6 +274,10 @@ def run_bench(*, runs: int = 9, images: int = 12, ready_runs: int = 3, out: Path
         ready_runs_s=[round(t, 3) for t in ready],
         params={**params, "model": BENCH_MODEL, "runs": runs, "images": images, "threads_per_worker": 1},
         c2pa_sign_median_ms={size: round(ms, 2) for size, ms in c2pa_ms.items()},
+        listeners=listeners,
+        throughput_quiet_ips=quiet,
+        throughput_listened_ips=listened,
+        listener_slowdown=1 - listened / quiet,
     )
     print(report.table())
     if out is not None:

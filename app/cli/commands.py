@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
     from app.cli.bench import run_bench
 
-    run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, out=args.out)
+    run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, listeners=args.listeners, out=args.out)
     return 0
 
 
@@ -310,6 +310,7 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=9, help="interleaved runs per side for the overhead ratio")
     bench.add_argument("--images", type=int, default=12, help="images per throughput measurement")
     bench.add_argument("--ready-runs", type=int, default=3, help="server starts timed")
+    bench.add_argument("--listeners", type=int, default=200, help="SSE streams open during the listener run")
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     bench.set_defaults(func=cmd_bench)
 

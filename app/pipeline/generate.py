@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +126,26 @@ def vae_upcast_warning(decoded: Decoded, seed: int) -> dict[str, Any]:
     }
 
 
-def render_image(model: LoadedModel, params: GenerationParams) -> RenderedImage:
-    """Generate one image deterministically: same model, runtime and params give the same bits."""
+StepListener = Callable[[int, int], None]
+
+
+def step_callback(on_step: StepListener) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that only reports (step done, of how many): it returns no tensors,
+    so the pipeline keeps its own latents untouched; a listener may raise to stop the pipeline."""
+
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN401
+        on_step(index + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+        return {}
+
+    return callback
+
+
+def render_image(model: LoadedModel, params: GenerationParams, on_step: StepListener | None = None) -> RenderedImage:
+    """Generate one image deterministically: same model, runtime and params give the same bits.
+
+    `on_step(step, steps)` is called after each denoising step; it reads nothing, so the bits are
+    the same with or without it, and an exception it raises stops the image there.
+    """
     import torch
 
     started = time.perf_counter()
@@ -145,6 +164,8 @@ def render_image(model: LoadedModel, params: GenerationParams) -> RenderedImage:
         width=params.width, height=params.height, negative_prompt=params.negative_prompt, pipe_config=pipe.config
     )
     extra = conditioning.call_kwargs() if conditioning else {}
+    if on_step is not None:  # no tensor inputs: the callback is handed nothing it could change
+        extra.update(callback_on_step_end=step_callback(on_step), callback_on_step_end_tensor_inputs=[])
     negative_prompt = None if conditioning and conditioning.zero_negative_prompt else params.negative_prompt
 
     with torch.inference_mode():

@@ -27,9 +27,9 @@ from app.errors import (
     WorkerLost,
     error_from_type,
 )
-from app.scheduler.work import Priority, Work, WorkState, utc_now
+from app.scheduler.work import Priority, Progress, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
-from app.worker.messages import ImageFailed, ImageRendered, RenderImage
+from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, RenderImage
 from app.worker.pool import COMING, SERVING, InFlight, WorkerEvent, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 
 log = logging.getLogger("app.scheduler")
@@ -146,6 +146,10 @@ class Dispatcher:
     async def run(self, work: Work, *, disconnected: Disconnected | None = None) -> Work:
         """Submit a user work item and wait for it within the job deadline; raises its error otherwise."""
         self.submit(work)
+        return await self.wait(work, disconnected=disconnected)
+
+    async def wait(self, work: Work, *, disconnected: Disconnected | None = None) -> Work:
+        """Wait for a submitted item within the job deadline (leaving early cancels it); raises its error."""
         try:
             await self._wait(work, disconnected)
         finally:
@@ -179,10 +183,30 @@ class Dispatcher:
             log.warning("work failed: %s", error.message, extra={"generation_id": work.id, "error_type": error.type})
         self._finish(work, state)
 
+    def cancel(self, work: Work, error: SameseedError) -> None:
+        """Cancel a work item: its queued images are dropped at once, running ones stop at their next step."""
+        self.fail(work, error, state=WorkState.CANCELED)
+
+    def queue_position(self, work: Work) -> int | None:
+        """1 for the next item to start, 2 for the one after, ...; None once it started or ended."""
+        if work.started_at is not None or work.finished:
+            return None
+        ahead: list[Work] = []
+        for _, _, queued, _ in self._pending:
+            if queued is work:
+                return len(ahead) + 1
+            if queued.started_at is None and queued not in ahead:
+                ahead.append(queued)
+        return None
+
     def _finish(self, work: Work, state: WorkState) -> None:
         work.state, work.finished_at = state, utc_now()
         self._works.pop(work.id, None)
         self._pending = [t for t in self._pending if t[2] is not work]
+        if state is not WorkState.SUCCEEDED:  # its images still rendering are of no use: stop them
+            for worker in self.workers():
+                if worker.in_flight is not None and worker.in_flight.message.job_id == work.id:
+                    self.pool.cancel(worker.id, work.id)
         if not any(w.priority is Priority.USER for w in self._works.values()):
             self._idle.set()
         work.done.set()
@@ -231,7 +255,8 @@ class Dispatcher:
 
     def _dispatch(self, worker: WorkerHandle, work: Work, index: int) -> None:
         work.group_key = work.group_key or worker.group_key
-        if work.started_at is None:
+        started = work.started_at is None
+        if started:
             work.started_at, work.state = utc_now(), WorkState.RUNNING
             if work.priority is Priority.USER:
                 self.metrics.queue_wait.observe(time.monotonic() - work.admitted)
@@ -239,6 +264,13 @@ class Dispatcher:
         message = RenderImage(work.id, index, work.images[index], check=work.priority is Priority.CHECK)
         if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
+        elif started:
+            self._progress(work, Progress.STARTED, {"worker": worker.id, "index": index})
+
+    @staticmethod
+    def _progress(work: Work, kind: Progress, data: dict) -> None:
+        if work.on_progress is not None:
+            work.on_progress(work, kind, data)
 
     # ------------------------------------------------------------------ events
     def on_event(self, worker: WorkerHandle, event: WorkerEvent, finished: InFlight | None) -> None:
@@ -247,10 +279,15 @@ class Dispatcher:
             elapsed = time.monotonic() - finished.started
             self.metrics.worker_busy.labels(worker=worker.id).inc(elapsed)
             self._image_seconds = 0.8 * self._image_seconds + 0.2 * elapsed
+        if isinstance(event, ImageStep):
+            self._on_step(event)
+            return  # nothing changed hands: no routing to redo
         if isinstance(event, ImageRendered):
             self._on_image(worker, event)
         elif isinstance(event, ImageFailed):
             self._on_image_failed(event)
+        elif isinstance(event, ImageCanceled):
+            pass  # its item already ended; the worker is idle again and takes the next image below
         else:
             if isinstance(event, WorkerExited):
                 self._on_worker_exit(worker, finished)
@@ -272,8 +309,19 @@ class Dispatcher:
             if event.image.vae_upcast:
                 upcasts.inc()
         work.results[event.image.index] = event
+        index = event.image.index
+        work.steps_done[index] = max(work.steps_done.get(index, 0), work.images[index].steps)
+        self._progress(work, Progress.IMAGE, {**event.image.hash_fields(), "worker": worker.id})
         if work.complete:
             self._complete(work)
+
+    def _on_step(self, event: ImageStep) -> None:
+        work = self._works.get(event.job_id)
+        if work is None:
+            return
+        work.steps_done[event.index] = event.step
+        data = {"index": event.index, "worker": event.worker_id, "step": event.step, "steps": event.steps}
+        self._progress(work, Progress.STEP, data)
 
     def _on_image_failed(self, event: ImageFailed) -> None:
         work = self._works.get(event.job_id)

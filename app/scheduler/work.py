@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from app.errors import SameseedError
 from app.params import GenerationParams
@@ -39,6 +40,14 @@ class WorkState(enum.StrEnum):
 FINAL = (WorkState.SUCCEEDED, WorkState.FAILED, WorkState.CANCELED)
 
 
+class Progress(enum.StrEnum):
+    """What `Work.on_progress` is told about, with its data."""
+
+    STARTED = "started"  # the first image went to a worker: {worker, index}
+    STEP = "step"  # a denoising step finished: {index, worker, step, steps}
+    IMAGE = "image"  # an image finished: {index, seed, latent_sha256, pixel_sha256, width, height, worker}
+
+
 @dataclass(eq=False)
 class Work:
     """One unit of work: the images of a generation or of a golden run, each rendered on its own.
@@ -47,7 +56,8 @@ class Work:
     in one reproducibility group (None: the group of the first worker that takes one); `worker_id`
     pins every image to one worker (golden checks). With `all_or_nothing` the first image error
     fails the whole item (a user job); otherwise errors are kept per image (a golden run).
-    `on_done` is called once, on the event loop, when the item reaches a final state.
+    `on_done` is called once, on the event loop, when the item reaches a final state;
+    `on_progress(work, kind, data)` on the event loop as images start, step and finish.
     """
 
     id: str
@@ -58,11 +68,13 @@ class Work:
     all_or_nothing: bool = True
     retries: int = 1  # re-runs of an image whose worker died: safe, the result is deterministic
     on_done: Callable[[Work], None] | None = None
+    on_progress: Callable[[Work, Progress, dict[str, Any]], None] | None = None
     state: WorkState = WorkState.QUEUED
     results: dict[int, ImageRendered] = field(default_factory=dict)
     errors: dict[int, SameseedError] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
     error: SameseedError | None = None
+    steps_done: dict[int, int] = field(default_factory=dict)  # image index -> denoising steps finished
     admitted: float = field(default_factory=time.monotonic)
     received_at: str = field(default_factory=utc_now)
     started_at: str | None = None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +17,20 @@ from app.params import MAX_SEED, GenerationParams
 from app.provenance.hashes import latents_from_bytes
 from app.provenance.manifest import Manifest, ManifestWarning, manifest_for
 from app.scheduler.dispatcher import Disconnected, Dispatcher
-from app.scheduler.work import Priority, Work, utc_now
+from app.scheduler.work import Priority, Progress, Work, utc_now
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
 from app.worker.messages import ImageRendered
 from app.worker.pool import WorkerHandle
 
 log = logging.getLogger("app.generation")
+
+ProgressListener = Callable[[Work, Progress, dict[str, Any]], None]
+
+
+def new_generation_id() -> str:
+    """A fresh generation id (`gen_` and 32 hex digits)."""
+    return f"gen_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -149,27 +157,38 @@ class GenerationService:
         """Whether a worker serves `model` under reproducibility key `key`."""
         return any(w.models.get(model, {}).get("reproducibility_key") == key for w in self.workers())
 
-    async def generate(
+    def submit(
         self,
         params: GenerationParams,
         *,
+        work_id: str | None = None,
         reproducibility_key: str | None = None,
         received_at: str | None = None,
-        disconnected: Disconnected | None = None,
-    ) -> Generation:
-        """Render every image (image k with seed + k, on one key group) and build the manifest; raises why not."""
+        on_progress: ProgressListener | None = None,
+    ) -> Work:
+        """Queue every image (image k with seed + k, on one key group); admission errors raise now."""
         try:
             work = Work(
-                id=f"gen_{uuid.uuid4().hex}",
+                id=work_id or new_generation_id(),
                 images=tuple(params.image(k) for k in range(params.num_images)),
                 priority=Priority.USER,
                 group_key=self.dispatcher.group_for_key(params.model, reproducibility_key),
                 received_at=received_at or utc_now(),
+                on_progress=on_progress,
             )
-            log.info(
-                "job admitted", extra={"generation_id": work.id, "model": params.model, "images": params.num_images}
-            )
-            await self.dispatcher.run(work, disconnected=disconnected)
+            self.dispatcher.submit(work)
+        except SameseedError as exc:
+            self.metrics.jobs.labels(outcome=exc.type).inc()
+            raise
+        log.info("job admitted", extra={"generation_id": work.id, "model": params.model, "images": params.num_images})
+        return work
+
+    async def complete(
+        self, work: Work, params: GenerationParams, *, disconnected: Disconnected | None = None
+    ) -> Generation:
+        """Wait for a submitted work item within its deadline and build the manifest; raises why not."""
+        try:
+            await self.dispatcher.wait(work, disconnected=disconnected)
         except SameseedError as exc:
             self.metrics.jobs.labels(outcome=exc.type).inc()
             raise
@@ -188,6 +207,29 @@ class GenerationService:
         )
         return Generation(id=work.id, params=params, images=images, manifest=manifest)
 
+    async def generate(
+        self,
+        params: GenerationParams,
+        *,
+        reproducibility_key: str | None = None,
+        received_at: str | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> Generation:
+        """Render every image (image k with seed + k, on one key group) and build the manifest; raises why not."""
+        work = self.submit(params, reproducibility_key=reproducibility_key, received_at=received_at)
+        return await self.complete(work, params, disconnected=disconnected)
+
+    async def store(self, generation: Generation) -> StoredGeneration:
+        """Sign, embed and store a generation durably: once this returns it survives SIGKILL."""
+        assert self.archive is not None, "store() needs an archive"
+        archived = await asyncio.to_thread(
+            self.archive.record,
+            generation.manifest,
+            [image.png for image in generation.images],
+            [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
+        )
+        return StoredGeneration(generation=generation, manifest=archived.manifest, pngs=list(archived.pngs))
+
     async def create(
         self,
         params: GenerationParams,
@@ -204,14 +246,7 @@ class GenerationService:
         generation = await self.generate(
             params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
         )
-        manifest = generation.manifest
-        if notes:
-            manifest = manifest.model_copy(update={"warnings": [*manifest.warnings, *notes]})
-        assert self.archive is not None, "create() needs an archive"
-        archived = await asyncio.to_thread(
-            self.archive.record,
-            manifest,
-            [image.png for image in generation.images],
-            [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
-        )
-        return StoredGeneration(generation=generation, manifest=archived.manifest, pngs=list(archived.pngs))
+        if notes:  # recorded before signing: what a front door accepted without effect is part of the proof
+            manifest = generation.manifest.model_copy(update={"warnings": [*generation.manifest.warnings, *notes]})
+            generation = dataclasses.replace(generation, manifest=manifest)
+        return await self.store(generation)

@@ -56,6 +56,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX images_latent ON images (latent_sha256);
     CREATE INDEX images_pixel ON images (pixel_sha256);
     """,
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+        owner TEXT,
+        params TEXT NOT NULL,
+        reproducibility_key TEXT,
+        response_format TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        images_done INTEGER NOT NULL DEFAULT 0,
+        steps_done INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX jobs_state ON jobs (state);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -117,6 +133,46 @@ class GenerationQuery:
     received_from: str | None = None  # inclusive
     received_before: str | None = None  # exclusive
     status: GenerationStatus | None = None
+
+
+class JobState(enum.StrEnum):
+    """Where an asynchronous job is; the last three are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One asynchronous job as the ledger keeps it: enough to answer its status after a restart.
+
+    `params` is the JSON of the effective GenerationParams; `error` the JSON error body of a
+    failed or canceled job; `owner` the sha256 (hex) of the API key that submitted it, if any.
+    """
+
+    id: str
+    state: JobState
+    params: str
+    response_format: str
+    received_at: str
+    updated_at: str
+    owner: str | None = None
+    reproducibility_key: str | None = None
+    images_done: int = 0
+    steps_done: int = 0
+    error: str | None = None
+
+
+_JOB_COLUMNS = (
+    "id, state, params, response_format, received_at, updated_at, owner, reproducibility_key, "
+    "images_done, steps_done, error"
+)
 
 
 class Ledger:
@@ -228,6 +284,54 @@ class Ledger:
                 "UPDATE generations SET status = ?, pruned_at = ? WHERE id = ? AND status = ?",
                 [(GenerationStatus.PRUNED.value, at, gid, GenerationStatus.STORED.value) for gid in generation_ids],
             )
+
+    def insert_job(self, job: JobRow) -> None:
+        """Record a newly accepted job (the id must be new); committed before its 202 is sent."""
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id, job.state.value, job.params, job.response_format, job.received_at, job.updated_at,
+                    job.owner, job.reproducibility_key, job.images_done, job.steps_done, job.error,
+                ),
+            )
+
+    def update_job(
+        self, job_id: str, state: JobState, at: str, *, images_done: int, steps_done: int, error: str | None = None
+    ) -> None:
+        """Move a job to `state` with its progress; a job already in a final state keeps it."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, images_done = ?, steps_done = ?, error = ? "
+                "WHERE id = ? AND state IN (?, ?)",
+                (state.value, at, images_done, steps_done, error, job_id, *(s.value for s in UNFINISHED)),
+            )
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job that was never accepted (its admission failed)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        """One job, or None."""
+        row = self._connection().execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def unfinished_jobs(self) -> list[JobRow]:
+        """Jobs still queued or running (after a restart: those the previous process did not finish)."""
+        rows = self._connection().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY received_at",
+            tuple(s.value for s in UNFINISHED),
+        ).fetchall()
+        return [self._job(row) for row in rows]
+
+    @staticmethod
+    def _job(row: tuple) -> JobRow:
+        return JobRow(
+            id=row[0], state=JobState(row[1]), params=row[2], response_format=row[3], received_at=row[4],
+            updated_at=row[5], owner=row[6], reproducibility_key=row[7], images_done=row[8], steps_done=row[9],
+            error=row[10],
+        )
 
     # ------------------------------------------------------------------ reads
     def get(self, generation_id: str) -> GenerationRow | None:

@@ -6,6 +6,7 @@ import importlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from app.errors import OutOfMemory
@@ -13,6 +14,8 @@ from app.provenance.manifest import ManifestImage
 from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
 
 log = logging.getLogger("app.worker")
+
+StepListener = Callable[[int, int], None]  # (step done, steps): may raise to stop the image
 
 KEY_VERSION_FIELDS = (
     "versions.torch", "versions.diffusers", "versions.transformers", "versions.cuda", "versions.cudnn"
@@ -28,8 +31,8 @@ class Engine(Protocol):
     def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
         """The loaded model, loading it now if needed; the second item describes a fresh load."""
 
-    def render(self, job: RenderImage) -> ImageRendered:
-        """Render one image and describe it for the manifest."""
+    def render(self, job: RenderImage, on_step: StepListener | None = None) -> ImageRendered:
+        """Render one image and describe it for the manifest; `on_step(step, steps)` after each step."""
 
 
 def load_engine(config: WorkerConfig) -> Engine:
@@ -106,13 +109,13 @@ class DiffusersEngine:
         log.info("loaded model %s from %s in %.2fs", model_id, paths, time.perf_counter() - started)
         return loaded, {"model": model_id, **self.model_keys[model_id]}
 
-    def render(self, job: RenderImage) -> ImageRendered:
-        """Render one image of a job and describe it for the manifest."""
+    def render(self, job: RenderImage, on_step: StepListener | None = None) -> ImageRendered:
+        """Render one image of a job and describe it for the manifest; `on_step(step, steps)` after each step."""
         from app.pipeline.generate import render_image
         from app.provenance.key import KEY_RUNTIME_FIELDS
 
         loaded, fresh = self.model(job.params.model)
-        result = render_image(loaded, job.params)
+        result = render_image(loaded, job.params, on_step)
         runtime = {
             **{k: v for k, v in self.runtime.items() if k != "pid"},
             "reproducibility_key": self.model_keys[job.params.model]["reproducibility_key"],

@@ -103,5 +103,26 @@ class ImageFailed:
     param: str | None = None
 
 
+@dataclass(frozen=True)
+class ImageStep:
+    """Progress of the image being rendered: denoising step `step` of `steps` finished (read-only report)."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ImageCanceled:
+    """The parent canceled this image's job: rendering stopped after `steps_done` steps; nothing was kept."""
+
+    job_id: str
+    index: int
+    worker_id: str
+    steps_done: int
+
+
 ToWorker = RenderImage | Shutdown
-FromWorker = WorkerReady | WorkerFailed | ImageRendered | ImageFailed
+FromWorker = WorkerReady | WorkerFailed | ImageRendered | ImageFailed | ImageStep | ImageCanceled

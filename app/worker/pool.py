@@ -19,6 +19,7 @@ from typing import Any
 
 from app.worker.messages import (
     FromWorker,
+    ImageCanceled,
     ImageFailed,
     ImageRendered,
     RenderImage,
@@ -85,6 +86,7 @@ class WorkerHandle:
     quarantined: bool = False  # kept out of user work (drifted while a peer of its group is consistent)
     busy_s: float = 0.0  # seconds spent rendering, for least-busy routing
     start_timed_out: bool = False
+    cancel: Any = None  # a multiprocessing.Event the worker checks between steps of the image in flight
 
     @property
     def id(self) -> str:
@@ -181,6 +183,22 @@ class WorkerPool:
         handle.in_flight = None  # stays busy: the exit event follows and restarts it
         return False
 
+    def cancel(self, worker_id: str, job_id: str) -> bool:
+        """Stop the image a worker renders at its next step, if it belongs to `job_id`; True when signalled.
+
+        The worker answers ImageCanceled (and is then idle again) or, if it was past its last step,
+        its image as usual.
+        """
+        handle = self.workers[worker_id]
+        if handle.in_flight is None or handle.in_flight.message.job_id != job_id:
+            return False
+        self._signal_cancel(handle)
+        return True
+
+    def _signal_cancel(self, handle: WorkerHandle) -> None:
+        if handle.cancel is not None:
+            handle.cancel.set()
+
     def set_quarantined(self, worker_id: str, quarantined: bool) -> None:
         """Keep a worker out of user work (or bring it back); a busy worker changes when its image ends."""
         handle = self.workers[worker_id]
@@ -205,8 +223,14 @@ class WorkerPool:
         from app.worker.process import run_worker
 
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        # a shared flag, not a pipe message: the worker's main thread is inside the pipeline, and
+        # reads it between steps without a reader thread of its own
+        handle.cancel = self._ctx.Event()
         process = self._ctx.Process(
-            target=run_worker, args=(handle.config, child_conn), name=f"sameseed-{handle.id}", daemon=True
+            target=run_worker,
+            args=(handle.config, child_conn, handle.cancel),
+            name=f"sameseed-{handle.id}",
+            daemon=True,
         )
         process.start()
         child_conn.close()  # so the parent sees EOF the moment the child dies
@@ -256,7 +280,7 @@ class WorkerPool:
         if process is not handle.process:
             return  # from an earlier incarnation
         finished: InFlight | None = None
-        if isinstance(event, ImageRendered | ImageFailed):
+        if isinstance(event, ImageRendered | ImageFailed | ImageCanceled):
             finished = self._release(handle)
             if isinstance(event, ImageRendered):
                 handle.jobs_done += 0 if finished is not None and finished.message.check else 1

@@ -12,12 +12,14 @@ import signal
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import SameseedError
 from app.worker.engine import Engine, is_out_of_memory, load_engine, out_of_memory
 from app.worker.messages import (
+    ImageCanceled,
     ImageFailed,
+    ImageStep,
     RenderImage,
     Shutdown,
     WorkerConfig,
@@ -28,13 +30,31 @@ from app.worker.messages import (
 log = logging.getLogger("app.worker")
 
 
+class CancelFlag(Protocol):
+    """What the loop needs of the parent's cancel signal: a multiprocessing.Event (or a threading.Event in tests)."""
+
+    def is_set(self) -> bool:
+        """Whether the parent asked to stop the image in flight."""
+
+    def clear(self) -> None:
+        """Forget an old request (before the next image starts)."""
+
+
+class RenderCanceled(Exception):
+    """Raised from the step callback when the parent canceled the image's job: the image stops there."""
+
+    def __init__(self, steps_done: int) -> None:
+        super().__init__(f"canceled after {steps_done} steps")
+        self.steps_done = steps_done
+
+
 def _setup_logging(config: WorkerConfig) -> None:
     from app.telemetry.logs import configure_logging
 
     configure_logging(config.log_level, worker_id=config.worker_id)
 
 
-def run_worker(config: WorkerConfig, conn: Connection) -> None:
+def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None = None) -> None:
     """Entry point of a spawned worker: start, report ready or failed, then serve until told to stop."""
     from app.pipeline.determinism import prepare_environment
 
@@ -66,7 +86,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             load_seconds=round(time.perf_counter() - started, 3),
         )
     )
-    serve(engine, conn, config.worker_id)
+    serve(engine, conn, config.worker_id, cancel)
 
 
 def _group_key(runtime: dict[str, Any]) -> str:
@@ -75,8 +95,26 @@ def _group_key(runtime: dict[str, Any]) -> str:
     return runtime_group_key(runtime)
 
 
-def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
-    """Answer RenderImage messages until Shutdown or the parent goes away; job errors are data."""
+def _step_listener(conn: Connection, message: RenderImage, worker_id: str, cancel: CancelFlag | None) -> Any:  # noqa: ANN401
+    """Report each finished step to the parent; stop the image (RenderCanceled) once the parent set the flag.
+
+    Runs inside the pipeline on this main thread: torch work never moves to another thread.
+    """
+
+    def on_step(step: int, steps: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise RenderCanceled(step)
+        conn.send(ImageStep(message.job_id, message.index, worker_id, step, steps))
+
+    return on_step
+
+
+def serve(engine: Engine, conn: Connection, worker_id: str, cancel: CancelFlag | None = None) -> None:
+    """Answer RenderImage messages until Shutdown or the parent goes away; job errors are data.
+
+    `cancel` is set by the parent to stop the image being rendered at the next step boundary;
+    the loop clears it before each image (the parent only sets it for the image in flight).
+    """
     while True:
         try:
             message = conn.recv()
@@ -87,8 +125,10 @@ def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
         if not isinstance(message, RenderImage):
             log.error("worker ignored unknown message %r", type(message).__name__)
             continue
+        if cancel is not None:
+            cancel.clear()
         try:
-            reply: Any = engine.render(message)
+            reply: Any = engine.render(message, _step_listener(conn, message, worker_id, cancel))
             log.info(
                 "image %d rendered in %.3fs",
                 message.index,
@@ -99,6 +139,10 @@ def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
                     "latent_sha256": reply.image.latent_sha256,
                 },
             )
+        except RenderCanceled as exc:
+            log.info("image %d canceled after %d steps", message.index, exc.steps_done,
+                     extra={"generation_id": message.job_id})
+            reply = ImageCanceled(message.job_id, message.index, worker_id, exc.steps_done)
         except SameseedError as exc:
             reply = ImageFailed(
                 message.job_id, message.index, worker_id, exc.type, exc.message, exc.param

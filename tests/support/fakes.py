@@ -11,7 +11,16 @@ import numpy
 from PIL import Image
 
 from app.provenance.manifest import ManifestImage
-from app.worker.messages import ImageFailed, ImageRendered, RenderImage, WorkerConfig, WorkerFailed, WorkerReady
+from app.worker.messages import (
+    ImageCanceled,
+    ImageFailed,
+    ImageRendered,
+    ImageStep,
+    RenderImage,
+    WorkerConfig,
+    WorkerFailed,
+    WorkerReady,
+)
 from app.worker.pool import MAX_RAPID_CRASHES, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 
 RUNTIME = {
@@ -89,10 +98,14 @@ class FakePool(WorkerPool):
     test sees is what the pool would do; only spawning and the pipe are replaced.
     """
 
-    def __init__(self, configs: list[WorkerConfig], *, auto: bool = False, start_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, configs: list[WorkerConfig], *, auto: bool = False, start_timeout_s: float = 300.0, auto_steps: int = 0
+    ) -> None:
         super().__init__(configs, start_timeout_s=start_timeout_s)
         self.auto = auto
+        self.auto_steps = auto_steps  # with auto: report this many steps before answering
         self.sent: list[tuple[str, Any]] = []
+        self.cancels: list[str] = []  # workers whose cancel flag was set
         self.killed: list[str] = []
         self.stopped = False
 
@@ -113,8 +126,14 @@ class FakePool(WorkerPool):
     def _transmit(self, handle: WorkerHandle, message: Any) -> bool:
         self.sent.append((handle.id, message))
         if self.auto and isinstance(message, RenderImage):
-            asyncio.get_running_loop().call_soon(self.answer, handle.id, message)
+            loop = asyncio.get_running_loop()
+            for step in range(1, self.auto_steps + 1):
+                loop.call_soon(self.step, handle.id, message, step, self.auto_steps)
+            loop.call_soon(self.answer, handle.id, message)
         return True
+
+    def _signal_cancel(self, handle: WorkerHandle) -> None:
+        self.cancels.append(handle.id)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         self._closing = True
@@ -135,6 +154,16 @@ class FakePool(WorkerPool):
         """The worker finishes `message` with a plausible image."""
         handle = self.workers[worker_id]
         self._deliver(handle, handle.process, rendered(message, worker_id, salt=salt))
+
+    def step(self, worker_id: str, message: RenderImage, step: int, steps: int) -> None:
+        """The worker finished denoising step `step` of `steps` of `message`."""
+        handle = self.workers[worker_id]
+        self._deliver(handle, handle.process, ImageStep(message.job_id, message.index, worker_id, step, steps))
+
+    def stop_canceled(self, worker_id: str, message: RenderImage, steps_done: int) -> None:
+        """The worker saw its cancel flag and stopped `message` after `steps_done` steps (it is idle again)."""
+        handle = self.workers[worker_id]
+        self._deliver(handle, handle.process, ImageCanceled(message.job_id, message.index, worker_id, steps_done))
 
     def fail(self, worker_id: str, message: RenderImage, error_type: str = "generation_failed") -> None:
         """The worker reports that `message` failed (a job error; the worker keeps serving)."""

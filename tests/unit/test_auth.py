@@ -83,3 +83,11 @@ def test_an_unusable_keys_file_stops_the_start(tmp_path):
     path.write_text("tiny\n")
     with pytest.raises(ValueError, match="line 1"):
         create_app(Settings(data_dir=tmp_path, workers="cpu:1", api_keys_file=path))
+
+
+def test_an_admin_line_marks_a_plain_or_hashed_key_as_admin():
+    root = "root-key-0123456789a"
+    keys = ApiKeys.parse(f"admin sha256:{hashlib.sha256(root.encode()).hexdigest()}\nplain-key-0123456789\n")
+    assert keys.allows(root) and keys.is_admin(root)
+    assert keys.allows("plain-key-0123456789") and not keys.is_admin("plain-key-0123456789")
+    assert not keys.allows("admin") and not keys.is_admin("admin")

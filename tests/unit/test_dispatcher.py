@@ -485,3 +485,45 @@ def test_a_job_whose_group_fails_for_good_is_503_while_another_group_serves(regi
             await asyncio.wait_for(task, timeout=2)
 
     asyncio.run(scenario())
+
+
+def test_queue_position_counts_the_items_ahead_and_progress_reaches_the_item(registry):
+    async def scenario():
+        harness, pool = make(registry, workers=1)
+        pool.ready("w0")
+        seen = []
+        works = [
+            harness.service.submit(
+                harness.service.resolve(prompt=p), on_progress=lambda w, kind, data: seen.append((w.id, kind, data))
+            )
+            for p in ("a", "b", "c")
+        ]
+        assert [harness.dispatcher.queue_position(w) for w in works] == [None, 1, 2]  # the first one started
+        first = renders(pool)[0]
+        pool.step("w0", first, 1, 20)
+        pool.answer("w0", first)
+        assert [harness.dispatcher.queue_position(w) for w in works] == [None, None, 1]
+        assert [(wid, kind.value) for wid, kind, _ in seen] == [
+            (works[0].id, "started"), (works[0].id, "step"), (works[0].id, "image"), (works[1].id, "started")
+        ]
+        assert seen[1][2] == {"index": 0, "worker": "w0", "step": 1, "steps": 20}
+
+    asyncio.run(scenario())
+
+
+def test_an_item_that_ends_early_stops_its_images_still_rendering_on_other_workers(registry):
+    async def scenario():
+        dispatcher, pool = make(registry, workers=2)
+        pool.ready("w0")
+        pool.ready("w1")
+        task = asyncio.create_task(dispatcher.generate(req(num_images=2)))
+        await until(lambda: len(renders(pool)) == 2)
+        first, second = renders(pool)
+        pool.fail("w0", first)  # one image fails: the job fails, its other image is of no use
+        with pytest.raises(GenerationFailed):
+            await task
+        assert pool.cancels == ["w1"]
+        pool.stop_canceled("w1", second, 5)
+        assert pool.workers["w1"].state is WorkerState.READY
+
+    asyncio.run(scenario())

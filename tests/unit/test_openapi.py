@@ -9,6 +9,8 @@ from tests.support.fakes import FakePool
 
 OPERATION_IDS = {
     "create_generation",
+    "cancel_generation",
+    "generation_events",
     "list_generations",
     "get_generation",
     "get_generation_image",

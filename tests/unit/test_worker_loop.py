@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 
 from app.params import GenerationParams
-from app.worker.messages import ImageFailed, ImageRendered, RenderImage, Shutdown, WorkerConfig
+from app.worker.messages import (
+    ImageCanceled,
+    ImageFailed,
+    ImageRendered,
+    ImageStep,
+    RenderImage,
+    Shutdown,
+    WorkerConfig,
+)
 from app.worker.process import serve
-from tests.support.engines import FakeEngine, OutOfMemoryEngine, RaisingEngine
+from tests.support.engines import FakeEngine, OutOfMemoryEngine, RaisingEngine, SteppingEngine
 
 CONFIG = WorkerConfig("w0", "cpu", 1, True, Path("registry.yaml"), Path("data"), ("sameseed-tiny",), False)
 PARAMS = GenerationParams("sameseed-tiny", "a cat", "", 7, 20, 7.5, 64, 64, "pndm", 1)
@@ -19,9 +27,9 @@ PARAMS = GenerationParams("sameseed-tiny", "a cat", "", 7, 20, 7.5, 64, 64, "pnd
 def loop_with():
     threads = []
 
-    def start(engine_class):
+    def start(engine_class, cancel=None):
         parent, child = Pipe(duplex=True)
-        thread = threading.Thread(target=serve, args=(engine_class(CONFIG), child, "w0"), daemon=True)
+        thread = threading.Thread(target=serve, args=(engine_class(CONFIG), child, "w0", cancel), daemon=True)
         thread.start()
         threads.append((parent, thread))
         return parent
@@ -72,3 +80,46 @@ def test_an_unknown_message_is_ignored_and_the_next_one_served(loop_with):
     conn = loop_with(FakeEngine)
     conn.send("not a message")
     assert isinstance(ask(conn, RenderImage("gen_1", 0, PARAMS)), ImageRendered)
+
+
+def receive(conn, timeout=5.0):
+    assert conn.poll(timeout), "no message from the worker loop"
+    return conn.recv()
+
+
+def test_every_step_is_reported_in_order_before_the_image(loop_with):
+    conn = loop_with(SteppingEngine, threading.Event())
+    conn.send(RenderImage("gen_1", 1, GenerationParams(**{**PARAMS.as_dict(), "steps": 4})))
+    replies = [receive(conn) for _ in range(5)]
+    assert [(r.job_id, r.index, r.step, r.steps) for r in replies[:4]] == [("gen_1", 1, k, 4) for k in (1, 2, 3, 4)]
+    assert all(isinstance(r, ImageStep) for r in replies[:4]) and isinstance(replies[4], ImageRendered)
+
+
+class GatedEngine(SteppingEngine):
+    """Each step waits for the test to release it, so the test knows exactly which step the cancel met."""
+
+    gate = threading.Semaphore(0)
+
+    def render(self, job, on_step=None):
+        for step in range(1, job.params.steps + 1):
+            assert self.gate.acquire(timeout=5), "the test never released the step"
+            on_step(step, job.params.steps)
+        return FakeEngine.render(self, job)
+
+
+def test_a_cancel_stops_the_image_at_the_next_step_and_the_loop_serves_the_next_one(loop_with):
+    cancel = threading.Event()
+    conn = loop_with(GatedEngine, cancel)
+    conn.send(RenderImage("gen_1", 0, GenerationParams(**{**PARAMS.as_dict(), "steps": 1000})))
+    GatedEngine.gate.release()
+    first = receive(conn)
+    assert isinstance(first, ImageStep) and first.step == 1
+    cancel.set()  # as the parent does for the image in flight
+    GatedEngine.gate.release()  # one more step runs ...
+    stopped = receive(conn)  # ... and at its end the image stops: the worker is free within one step
+    assert isinstance(stopped, ImageCanceled) and (stopped.job_id, stopped.index, stopped.steps_done) == ("gen_1", 0, 2)
+    # the flag is cleared for the next image, which runs to the end
+    conn.send(RenderImage("gen_2", 0, GenerationParams(**{**PARAMS.as_dict(), "steps": 2})))
+    GatedEngine.gate.release(2)
+    replies = [receive(conn) for _ in range(3)]
+    assert [type(r) for r in replies] == [ImageStep, ImageStep, ImageRendered] and replies[-1].job_id == "gen_2"
