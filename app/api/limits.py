@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 << 20  # any route; POST /v1/verify and /v1/reproduce accept up to this
+MAX_HEADER_BYTES = 16 << 10  # a request's line and headers together (a longer one is 400 before any route)
 ROUTE_BODY_LIMITS: Mapping[str, int] = {"/v1/generations": 1 << 20}  # a generation request is a few KB
 
 

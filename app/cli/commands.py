@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         startup = prepare(settings)
         # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
         pool = WorkerPool(startup.configs, start_timeout_s=settings.worker_start_timeout_s).launch()
-        from app.cli.serve import run
+        from app.cli.serve import connection_limits, run
         from app.main import create_app
 
         launched = pool
@@ -45,7 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.terminate()
         print(f"sameseed: cannot start: {exc}", file=sys.stderr)
         return 2
-    run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s)
+    limits = connection_limits(settings)
+    run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s, limits=limits)
     return 0
 
 

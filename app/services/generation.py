@@ -81,12 +81,12 @@ def resolve_params(
             param="width",
         )
     steps = steps if steps is not None else d.steps
-    if steps > lim.max_steps:
+    if not 1 <= steps <= lim.max_steps:
         raise InvalidRequest(
             f"steps must be from 1 to {lim.max_steps} for model {entry.id}; got {steps}", param="steps"
         )
     guidance = guidance_scale if guidance_scale is not None else d.guidance_scale
-    if guidance > lim.max_guidance_scale:
+    if not 0 <= guidance <= lim.max_guidance_scale:
         raise InvalidRequest(
             f"guidance_scale must be from 0 to {lim.max_guidance_scale} for model {entry.id}; got {guidance}",
             param="guidance_scale",

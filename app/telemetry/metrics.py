@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 CONSISTENCY_STATES = ("consistent", "baseline_recorded", "drifted", "unchecked")
-WORKER_STATES = ("starting", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
+WORKER_STATES = ("starting", "checking", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
 
 
 class Metrics:
