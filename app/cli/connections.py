@@ -41,7 +41,7 @@ def error_response(error: SameseedError) -> bytes:
         "content-type: application/json",
         f"content-length: {len(body)}",
         "connection: close",
-        *(f"{name}: {value}" for name, value in error.headers().items()),
+        *(f"{name.lower()}: {value}" for name, value in error.headers().items()),
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
@@ -69,7 +69,12 @@ class GuardedH11Protocol(H11Protocol):
                     )
                 )
             )
-            transport.close()
+            # Half-close rather than close: a client still sending its request would get a reset and
+            # lose the answer; the connection closes once its request is in, or after a second.
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(min(1.0, self.limits.header_timeout_s), transport.close)
+            self.transport = transport
             return
         super().connection_made(transport)
         self._arm("headers")
@@ -82,6 +87,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed h11, then follow the request's phase with the matching deadline."""
+        if self._refused:
+            self.transport.close()  # its answer went out already
+            return
         super().data_received(data)
         self._follow()
 
