@@ -100,8 +100,11 @@ class Dispatcher:
         return self.pool.handles()
 
     def ready(self) -> bool:
-        """True when not draining and at least one worker has its pipeline loaded and takes work."""
-        return not self.draining and any(w.state in SERVING for w in self.workers())
+        """True when not draining and at least one worker has its pipeline loaded and takes user work."""
+        # a held or quarantined worker may be busy, but only with its golden check
+        return not self.draining and any(
+            w.state in SERVING and not w.held and not w.quarantined for w in self.workers()
+        )
 
     def user_jobs(self) -> int:
         """User jobs admitted and not finished."""
@@ -313,7 +316,8 @@ class Dispatcher:
 
     def _fail_stranded(self) -> None:
         """Fail work whose group (or the whole pool) has no worker serving or coming back."""
-        alive = [w for w in self.workers() if w.state in SERVING or w.state in COMING]
+        # a worker held for its golden check serves once it passes
+        alive = [w for w in self.workers() if w.state in (*SERVING, *COMING, WorkerState.CHECKING)]
         for work in list(self._works.values()):
             if work.worker_id is not None:
                 continue  # pinned work ends with its worker's exit
