@@ -17,13 +17,14 @@ from app.api import consistency, generations, health, metrics, models, provenanc
 from app.api.auth import install_api_keys
 from app.api.introspection import accepted_fields, allowed_methods, unknown_field_message
 from app.api.limits import BodyLimitMiddleware
-from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
+from app.errors import ERROR_CLASSES, InvalidRequest, MalformedRequest, SameseedError, for_http_status
 from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
 from app.services.generation import GenerationService
 from app.settings import Settings
 from app.store.archive import Archive
+from app.telemetry.http import RequestTiming
 from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
 from app.worker.plan import Startup, prepare
@@ -52,6 +53,11 @@ def create_app(
         await archive.start()
         fastapi_app.state.archive = archive
         metrics_ = fastapi_app.state.metrics
+        metrics_.zero_counters(
+            workers=[c.worker_id for c in startup.configs],
+            models=[m.id for m in startup.registry.models],
+            outcomes=["ok", *ERROR_CLASSES],
+        )
         dispatcher = Dispatcher(
             pool=pool_factory(startup.configs),
             max_queue=settings.max_queue,
@@ -96,12 +102,14 @@ def create_app(
     )
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
+    fastapi_app.state.metrics.describe_build(app.__version__)
     routers = (generations, health, models, metrics, provenance, consistency, reproduce)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
     install_error_handlers(fastapi_app)
     fastapi_app.add_middleware(BodyLimitMiddleware)
     install_api_keys(fastapi_app, settings)
+    fastapi_app.add_middleware(RequestTiming, histogram=fastapi_app.state.metrics.http_duration)  # outermost
     return fastapi_app
 
 

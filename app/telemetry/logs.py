@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# color_message: uvicorn's copy of the message with ANSI colour escapes, meant for terminals
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
