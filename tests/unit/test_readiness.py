@@ -124,3 +124,26 @@ def test_readyz_turns_503_naming_storage_while_writes_fail_and_recovers_by_itsel
         recovered = wait_ready(client, 200)
         assert recovered.status_code == 200 and recovered.json()["storage"]["ok"] is True
         assert client.post("/v1/generations", json={"prompt": "a", "seed": 1}).status_code == 200
+
+
+def test_an_out_of_memory_image_is_answered_503_and_not_retried_anywhere(registry):
+    # Same size, same memory: a retry on the same worker would fail again, so out_of_memory is final.
+    from app.errors import OutOfMemory
+
+    async def scenario():
+        harness, pool = make(registry, workers=2)
+        pool.ready("w0")
+        pool.ready("w1")
+        task = asyncio.create_task(harness.generate(req(seed=5, num_images=2)))
+        await until(lambda: len(renders(pool)) == 2)
+        pool.fail("w0", next(m for w, m in pool.sent if w == "w0"), error_type="out_of_memory")
+        try:
+            await task
+        except OutOfMemory as exc:
+            assert exc.status == 503
+        else:
+            raise AssertionError("out_of_memory expected")
+        assert len(renders(pool)) == 2  # nothing re-sent, to w0 or w1
+        assert pool.workers["w0"].state is WorkerState.READY  # the worker keeps serving
+
+    asyncio.run(scenario())
