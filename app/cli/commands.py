@@ -25,11 +25,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
     from app.models.registry import RegistryError
     from app.telemetry.logs import configure_logging
+    from app.telemetry.tracing import configure_tracing
     from app.worker.plan import prepare
     from app.worker.pool import WorkerPool
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level)
+    configure_tracing()  # on only when the standard OTEL_* variables ask for it
     pool: WorkerPool | None = None
     try:
         startup = prepare(settings)

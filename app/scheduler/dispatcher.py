@@ -29,6 +29,7 @@ from app.errors import (
 )
 from app.scheduler.work import Priority, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import epoch_ns, from_carrier, tracer
 from app.worker.messages import ImageFailed, ImageRendered, RenderImage
 from app.worker.pool import COMING, SERVING, InFlight, WorkerEvent, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 
@@ -237,8 +238,15 @@ class Dispatcher:
             work.started_at, work.state = utc_now(), WorkState.RUNNING
             if work.priority is Priority.USER:
                 self.metrics.queue_wait.observe(time.monotonic() - work.admitted)
+                if work.trace_context:  # noted now that it is over: admission to the first image sent
+                    tracer().start_span(
+                        "queue wait", context=from_carrier(work.trace_context), start_time=epoch_ns(work.admitted)
+                    ).end()
         work.attempts[index] = work.attempts.get(index, 0) + 1
-        message = RenderImage(work.id, index, work.images[index], check=work.priority is Priority.CHECK)
+        message = RenderImage(
+            work.id, index, work.images[index], check=work.priority is Priority.CHECK,
+            trace_context=work.trace_context or None,
+        )
         if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
 

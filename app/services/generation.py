@@ -18,6 +18,7 @@ from app.scheduler.dispatcher import Disconnected, Dispatcher
 from app.scheduler.work import Priority, Work, utc_now
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import Span, carrier, tracer
 from app.worker.messages import ImageRendered
 from app.worker.pool import WorkerHandle
 
@@ -157,6 +158,21 @@ class GenerationService:
         disconnected: Disconnected | None = None,
     ) -> Generation:
         """Render every image (image k with seed + k, on one key group) and build the manifest; raises why not."""
+        with tracer().start_as_current_span("render images", attributes={"sameseed.model": params.model}) as span:
+            return await self._generate(
+                span, params, reproducibility_key=reproducibility_key, received_at=received_at,
+                disconnected=disconnected,
+            )
+
+    async def _generate(
+        self,
+        span: Span,
+        params: GenerationParams,
+        *,
+        reproducibility_key: str | None,
+        received_at: str | None,
+        disconnected: Disconnected | None,
+    ) -> Generation:
         try:
             work = Work(
                 id=f"gen_{uuid.uuid4().hex}",
@@ -164,7 +180,9 @@ class GenerationService:
                 priority=Priority.USER,
                 group_key=self.dispatcher.group_for_key(params.model, reproducibility_key),
                 received_at=received_at or utc_now(),
+                trace_context=carrier(),
             )
+            span.set_attributes({"sameseed.generation_id": work.id, "sameseed.images": params.num_images})
             log.info(
                 "job admitted", extra={"generation_id": work.id, "model": params.model, "images": params.num_images}
             )
@@ -196,9 +214,14 @@ class GenerationService:
         disconnected: Disconnected | None = None,
     ) -> StoredGeneration:
         """Generate, then sign, embed and store durably before answering: a returned generation survives SIGKILL."""
-        generation = await self.generate(
-            params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
-        )
+        with tracer().start_as_current_span("generation", attributes={"sameseed.model": params.model}):
+            generation = await self.generate(
+                params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
+            )
+            with tracer().start_as_current_span("sign and store"):
+                return await self._store(generation)
+
+    async def _store(self, generation: Generation) -> StoredGeneration:
         assert self.archive is not None, "create() needs an archive"
         archived = await asyncio.to_thread(
             self.archive.record,

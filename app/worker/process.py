@@ -6,6 +6,7 @@ halves the speed on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,9 +16,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.errors import SameseedError
+from app.telemetry.tracing import configure_tracing, from_carrier, shutdown_tracing, tracer
 from app.worker.engine import Engine, is_out_of_memory, load_engine, out_of_memory
 from app.worker.messages import (
     ImageFailed,
+    ImageRendered,
     RenderImage,
     Shutdown,
     WorkerConfig,
@@ -44,6 +47,7 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     prepare_environment(config.device, config.cpu_threads)  # before torch is imported
     _setup_logging(config)
+    configure_tracing(**{"sameseed.worker_id": config.worker_id})  # on only when OTEL_* variables say so
     started = time.perf_counter()
     try:
         engine = load_engine(config)
@@ -66,7 +70,10 @@ def run_worker(config: WorkerConfig, conn: Connection) -> None:
             load_seconds=round(time.perf_counter() - started, 3),
         )
     )
-    serve(engine, conn, config.worker_id)
+    try:
+        serve(engine, conn, config.worker_id)
+    finally:
+        shutdown_tracing()  # flush this worker's spans
 
 
 def _group_key(runtime: dict[str, Any]) -> str:
@@ -87,35 +94,49 @@ def serve(engine: Engine, conn: Connection, worker_id: str) -> None:
         if not isinstance(message, RenderImage):
             log.error("worker ignored unknown message %r", type(message).__name__)
             continue
-        try:
-            reply: Any = engine.render(message)
-            log.info(
-                "image %d rendered in %.3fs",
-                message.index,
-                reply.seconds,
-                extra={
-                    "generation_id": message.job_id,
-                    "seed": message.params.seed,
-                    "latent_sha256": reply.image.latent_sha256,
-                },
+        span = (
+            tracer().start_as_current_span(
+                "render image",
+                context=from_carrier(message.trace_context),
+                attributes={"sameseed.worker_id": worker_id, "sameseed.index": message.index},
             )
-        except SameseedError as exc:
-            reply = ImageFailed(
-                message.job_id, message.index, worker_id, exc.type, exc.message, exc.param
-            )
-        except Exception as exc:  # recoverable: report it, keep serving
-            if is_out_of_memory(exc):
-                error = out_of_memory(exc, message)
-                log.error("out of memory: %s", error.message, extra={"generation_id": message.job_id})
-                reply = ImageFailed(message.job_id, message.index, worker_id, error.type, error.message, error.param)
-                conn.send(reply)
-                continue
-            log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
-            reply = ImageFailed(
-                message.job_id,
-                message.index,
-                worker_id,
-                "generation_failed",
-                f"the pipeline raised {type(exc).__name__}: {exc}",
-            )
+            if message.trace_context
+            else contextlib.nullcontext()
+        )
+        with span:
+            reply = _render(engine, message, worker_id)
         conn.send(reply)
+
+
+def _render(engine: Engine, message: RenderImage, worker_id: str) -> ImageRendered | ImageFailed:
+    """Render one image; a job error (out of memory included) becomes an ImageFailed, never an exit."""
+    try:
+        reply: Any = engine.render(message)
+        log.info(
+            "image %d rendered in %.3fs",
+            message.index,
+            reply.seconds,
+            extra={
+                "generation_id": message.job_id,
+                "seed": message.params.seed,
+                "latent_sha256": reply.image.latent_sha256,
+            },
+        )
+    except SameseedError as exc:
+        reply = ImageFailed(
+            message.job_id, message.index, worker_id, exc.type, exc.message, exc.param
+        )
+    except Exception as exc:  # recoverable: report it, keep serving
+        if is_out_of_memory(exc):
+            error = out_of_memory(exc, message)
+            log.error("out of memory: %s", error.message, extra={"generation_id": message.job_id})
+            return ImageFailed(message.job_id, message.index, worker_id, error.type, error.message, error.param)
+        log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
+        reply = ImageFailed(
+            message.job_id,
+            message.index,
+            worker_id,
+            "generation_failed",
+            f"the pipeline raised {type(exc).__name__}: {exc}",
+        )
+    return reply
