@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint bench venv dev-venv clean
+.PHONY: serve test lint bench soak venv dev-venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ test: lint
 
 bench: venv
 	$(VENV)/bin/python -m app bench
+
+soak: venv  # not in CI: about 15 minutes on 2 cores
+	$(VENV)/bin/python -m app soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

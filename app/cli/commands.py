@@ -166,6 +166,16 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Soak a cpu:2 server; exit 1 when a request was lost or answered 5xx."""
+    from app.cli.soak import run_soak
+
+    report = run_soak(
+        requests=args.requests, concurrency=args.concurrency, kill_every_s=args.kill_every, out=args.out
+    )
+    return 0 if report.lost == 0 and report.server_errors == 0 else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
     from app.cli.bench import run_bench
@@ -243,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--ready-runs", type=int, default=3, help="server starts timed")
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    soak = commands.add_parser("soak", help="mixed requests against cpu:2 with worker kills: lost, 5xx, p99, RSS")
+    soak.add_argument("--requests", type=int, default=3000)
+    soak.add_argument("--concurrency", type=int, default=16)
+    soak.add_argument("--kill-every", type=float, default=60.0, help="seconds between worker SIGKILLs")
+    soak.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    soak.set_defaults(func=cmd_soak)
 
     verify = commands.add_parser("verify", help="verify a PNG or manifest JSON offline (signature, pixels)")
     verify.add_argument("file", type=Path, help="a PNG the service wrote, or a manifest JSON file")
