@@ -7,15 +7,19 @@ carried in the worker message. Without a configured exporter the API's no-op tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span
 
-__all__ = ["Span", "carrier", "configure_tracing", "current_ids", "epoch_ns", "from_carrier", "tracer"]
+__all__ = [
+    "Span", "carrier", "child_span", "configure_tracing", "current_ids", "epoch_ns", "from_carrier", "tracer"
+]
 
 log = logging.getLogger("app.telemetry.tracing")
 
@@ -69,6 +73,13 @@ def shutdown_tracing() -> None:
     shutdown = getattr(provider, "shutdown", None)
     if shutdown is not None:
         shutdown()
+
+
+def child_span(name: str) -> AbstractContextManager[object]:
+    """A span under the current one, or nothing when no traced span is open (golden checks, tracing off)."""
+    if not trace.get_current_span().is_recording():
+        return contextlib.nullcontext()
+    return tracer().start_as_current_span(name)
 
 
 def tracer() -> trace.Tracer:

@@ -30,7 +30,8 @@ def spans(monkeypatch):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     local = provider.get_tracer("sameseed")
-    for module in ("app.services.generation", "app.scheduler.dispatcher", "app.worker.process"):
+    modules = ("app.services.generation", "app.scheduler.dispatcher", "app.worker.process", "app.telemetry.tracing")
+    for module in modules:
         monkeypatch.setattr(f"{module}.tracer", lambda: local)
     yield exporter
     provider.shutdown()
@@ -116,3 +117,14 @@ def test_the_worker_renders_inside_the_generations_trace_and_logs_its_trace_id(s
     untraced = [line for line in lines if line.get("generation_id") == "golden_1"]
     assert traced and all(line["trace_id"] == "0af7651916cd43dd8448eb211c80319c" for line in traced)
     assert untraced and all("trace_id" not in line for line in untraced)
+
+
+def test_pipeline_steps_are_spans_only_inside_a_traced_image(spans):
+    with tracing.child_span("denoise"):  # a golden check: no traced parent, no span of its own
+        pass
+    assert spans.get_finished_spans() == ()
+    with tracing.tracer().start_as_current_span("render image") as parent:
+        with tracing.child_span("denoise"):
+            pass
+    denoise, render = spans.get_finished_spans()
+    assert denoise.name == "denoise" and denoise.parent.span_id == parent.get_span_context().span_id
