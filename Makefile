@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test container-test lint bench venv dev-venv monitoring-tools clean device-wheels
+.PHONY: serve test container-test lint bench soak venv dev-venv monitoring-tools clean device-wheels
 
 venv: $(STAMP)
 
@@ -56,6 +56,9 @@ bench: venv
 # Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.
 device-wheels: venv
 	$(VENV)/bin/python -m app.devicecheck.wheels --dest .device-wheels
+
+soak: venv  # not in CI: about 15 minutes on 2 cores
+	$(VENV)/bin/python -m app soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

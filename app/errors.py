@@ -37,6 +37,28 @@ class MalformedRequest(SameseedError):
     status, type = 400, "malformed_request"
 
 
+class UnsupportedMediaType(SameseedError):
+    """A JSON route got a body sent as another content type (form data, text, none)."""
+
+    status, type = 415, "unsupported_media_type"
+
+
+class RequestTimeout(SameseedError):
+    """The client took too long to send its request's headers or body."""
+
+    status, type = 408, "request_timeout"
+
+
+class TooManyConnections(SameseedError):
+    """The server holds as many client connections as it allows; retry shortly."""
+
+    status, type = 503, "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        """Retry in a second."""
+        return {"Retry-After": "1"}
+
+
 class ModelNotFound(SameseedError):
     """The request names a model the registry does not list."""
 
@@ -175,9 +197,11 @@ ERRORS: tuple[type[SameseedError], ...] = (
     NotFound,
     GenerationNotFound,
     MethodNotAllowed,
+    RequestTimeout,
     KeyUnavailable,
     ImageGone,
     PayloadTooLarge,
+    UnsupportedMediaType,
     InvalidRequest,
     QueueFull,
     ClientDisconnected,
@@ -189,6 +213,7 @@ ERRORS: tuple[type[SameseedError], ...] = (
     OutOfMemory,
     WorkerLost,
     StorageUnavailable,
+    TooManyConnections,
     JobTimeout,
 )
 """The one error table: each class names its status and type; handlers and OpenAPI both read it."""
@@ -196,7 +221,8 @@ ERRORS: tuple[type[SameseedError], ...] = (
 ERROR_CLASSES: dict[str, type[SameseedError]] = {cls.type: cls for cls in ERRORS}
 
 _FOR_HTTP_STATUS: dict[int, type[SameseedError]] = {
-    400: MalformedRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge
+    400: MalformedRequest, 404: NotFound, 405: MethodNotAllowed, 408: RequestTimeout, 413: PayloadTooLarge,
+    415: UnsupportedMediaType,
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,9 +16,10 @@ import app
 from app.api import a1111, consistency, generations, health, metrics, models, openai_images, provenance, reproduce
 from app.api.auth import install_api_keys
 from app.api.docs import install_offline_docs
+from app.api.introspection import accepted_fields, allowed_methods, unknown_field_message
 from app.api.limits import BodyLimitMiddleware
 from app.api.openapi import install_openapi, operation_id
-from app.errors import InvalidRequest, MalformedRequest, SameseedError, for_http_status
+from app.errors import ERROR_CLASSES, InvalidRequest, MalformedRequest, SameseedError, for_http_status
 from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
@@ -26,6 +27,7 @@ from app.services.generation import GenerationService
 from app.services.jobs import JobService
 from app.settings import Settings
 from app.store.archive import Archive
+from app.telemetry.http import RequestTiming
 from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
 from app.worker.plan import Startup, prepare
@@ -54,6 +56,11 @@ def create_app(
         await archive.start()
         fastapi_app.state.archive = archive
         metrics_ = fastapi_app.state.metrics
+        metrics_.zero_counters(
+            workers=[c.worker_id for c in startup.configs],
+            models=[m.id for m in startup.registry.models],
+            outcomes=["ok", *ERROR_CLASSES],
+        )
         dispatcher = Dispatcher(
             pool=pool_factory(startup.configs),
             max_queue=settings.max_queue,
@@ -67,6 +74,7 @@ def create_app(
             metrics=metrics_,
             interval_s=settings.consistency_interval_s,
             quarantine_on_drift=settings.quarantine_on_drift,
+            require_consistency=settings.ready_requires_consistency,
         )
         monitor.attach(dispatcher)
         fastapi_app.state.dispatcher = dispatcher  # the serve wiring drains it on SIGTERM
@@ -105,6 +113,7 @@ def create_app(
     install_openapi(fastapi_app)
     fastapi_app.state.settings = settings
     fastapi_app.state.metrics = Metrics()
+    fastapi_app.state.metrics.describe_build(app.__version__)
     routers = (generations, health, models, metrics, provenance, consistency, reproduce, openai_images, a1111)
     for router in (module.router for module in routers):
         fastapi_app.include_router(router)
@@ -112,6 +121,7 @@ def create_app(
     install_error_handlers(fastapi_app)
     fastapi_app.add_middleware(BodyLimitMiddleware)
     install_api_keys(fastapi_app, settings)
+    fastapi_app.add_middleware(RequestTiming, histogram=fastapi_app.state.metrics.http_duration)  # outermost
     return fastapi_app
 
 
@@ -120,11 +130,11 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_message(error: dict[str, Any]) -> str:
+def _validation_message(error: dict[str, Any], accepted: Sequence[str] = ()) -> str:
     param = _param(tuple(error.get("loc", ())))
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return f"unknown field {param!r}; see the API docs for the accepted fields"
+        return unknown_field_message(str(param), accepted)
     if kind == "missing":
         return f"{param} is required" if param else "a JSON object body is required"
     if param is None:
@@ -145,7 +155,7 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @fastapi_app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
@@ -153,21 +163,31 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
                 MalformedRequest(f"the body is not valid JSON: {detail}").body(), status_code=400
             )
         first = errors[0] if errors else {}
-        message = _validation_message(first)
+        where = first.get("loc", ("body",))[0] if first.get("loc") else "body"
+        accepted = accepted_fields(request.scope.get("route"), where)
+        message = _validation_message(first, accepted)
         if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more: " + "; ".join(_validation_message(e) for e in errors[1:4]) + ")"
+            message += f" (and {len(errors) - 1} more: " + "; ".join(
+                _validation_message(e, accepted) for e in errors[1:4]
+            ) + ")"
         return JSONResponse(
             InvalidRequest(message, param=_param(tuple(first.get("loc", ())))).body(), status_code=422
         )
 
     @fastapi_app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers 400 itself when a JSON body cannot be decoded (not UTF-8, nested too deeply)
         detail = str(exc.detail)
         if exc.status_code == 400:
             detail = "the body cannot be parsed as JSON (not UTF-8, or nested too deeply)"
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route of this path only; a path can have several
+            allowed = allowed_methods(request.app.router.routes, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
         error = for_http_status(exc.status_code, detail)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
 
     @fastapi_app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

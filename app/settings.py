@@ -42,6 +42,19 @@ class Settings(BaseSettings):
         default=60.0, description="On SIGTERM: seconds admitted jobs get to finish before exit."
     )
     worker_start_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    header_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="A client sends a request's headers within this, else 408 and the connection closes."
+    )
+    body_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, description="A client sends a request's whole body within this after its headers, else 408."
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="Open client connections; one more is answered 503 too_many_connections."
+    )
+    ready_requires_consistency: bool = Field(
+        default=True,
+        description="A worker takes user work only once its start-up golden check is consistent or made a baseline.",
+    )
     allow_download: bool = False
     log_level: str = "info"
     consistency_interval_s: Annotated[float, Field(ge=0)] = Field(

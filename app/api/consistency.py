@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import ConsistencyDep, GenerationDep, SettingsDep
+from app.api.json_bodies import JsonBodyRoute
 from app.api.responses import ERROR_RESPONSES
 from app.api.schemas import BaselineImportResult, ConsistencyReport
 from app.provenance.golden import BaselineDocument
 
-router = APIRouter(prefix="/v1/consistency", tags=["consistency"])
+router = APIRouter(prefix="/v1/consistency", tags=["consistency"], route_class=JsonBodyRoute)
 
 
 @router.get("", response_model=ConsistencyReport)

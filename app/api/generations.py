@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
 from app.api.deps import ArchiveDep, GenerationDep, JobsDep, OwnerDep
+from app.api.json_bodies import JsonBodyRoute
 from app.api.responses import GENERATION_ERRORS, JOB_ERRORS, LEDGER_ERRORS
 from app.api.schemas import (
     GeneratedImage,
@@ -33,9 +34,12 @@ from app.services.jobs import JobEvent
 from app.store.archive import iso_utc
 from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus
 
-router = APIRouter(prefix="/v1", tags=["generations"])
+router = APIRouter(prefix="/v1", tags=["generations"], route_class=JsonBodyRoute)
 
 GenerationId = Annotated[str, Path(pattern=r"^gen_[0-9a-f]{8,64}$", description="A generation id.")]
+# A string, not an int: int parsing would take " 1", "+0" and "00" as indexes and give one image many URLs.
+ImageIndex = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]?)$", description="The image index in decimal: 0, 1, ...")]
+
 def image_url(generation_id: str, index: int) -> str:
     """Path of one stored image on this server."""
     return f"/v1/generations/{generation_id}/images/{index}.png"
@@ -229,9 +233,9 @@ async def get_generation(
     responses={**LEDGER_ERRORS, 200: {"content": {"image/png": {}}, "description": "The PNG, manifest embedded"}},
 )
 async def get_image(
-    generation_id: GenerationId, index: Annotated[int, Path(ge=0, le=63)], archive: ArchiveDep
+    generation_id: GenerationId, index: ImageIndex, archive: ArchiveDep
 ) -> Response:
     """The stored PNG of one image, with its signed manifest embedded."""
-    png = await asyncio.to_thread(archive.image_bytes, generation_id, index)
+    png = await asyncio.to_thread(archive.image_bytes, generation_id, int(index))
     # a stored image never changes under its id
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=31536000, immutable"})

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 import app
 from app.api.deps import GenerationDep
-from app.api.schemas import HealthResponse, ReadyResponse, WorkerStatus
+from app.api.schemas import HealthResponse, ReadyResponse, StorageStatus, WorkerStatus
 
 router = APIRouter(tags=["health"])
 
@@ -20,13 +20,17 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz(generations: GenerationDep, request: Request) -> JSONResponse:
-    """200 when a worker has its pipeline loaded, else 503; lists every worker either way."""
+    """200 when a worker takes user work and storage can be written, else 503; lists every worker either way."""
     monitor = getattr(request.app.state, "consistency", None)
     dispatcher = generations.dispatcher
+    archive = getattr(request.app.state, "archive", None)
+    storage_error = await archive.health.check() if archive is not None else None
     body = ReadyResponse(
-        ready=dispatcher.ready(),
+        ready=dispatcher.ready() and storage_error is None,
         draining=dispatcher.draining,
         queue_depth=dispatcher.waiting_jobs(),
+        storage=StorageStatus(ok=storage_error is None, error=storage_error),
+        checking=monitor.checking() if monitor else [],
         workers=[
             WorkerStatus(**w.describe(), consistency=monitor.worker(w.id).state if monitor else None)
             for w in dispatcher.workers()

@@ -13,6 +13,7 @@ from app.api.openai_images import OPENAI_PATH_PREFIX, openai_error_response
 from app.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 64 << 20  # any route; POST /v1/verify and /v1/reproduce accept up to this
+MAX_HEADER_BYTES = 16 << 10  # a request's line and headers together (a longer one is 400 before any route)
 ROUTE_BODY_LIMITS: Mapping[str, int] = {  # a generation request is a few KB
     path: 1 << 20 for path in ("/v1/generations", "/v1/images/generations", "/sdapi/v1/txt2img")
 }

@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from app.api.deps import ArchiveDep
+from app.api.limits import MAX_BODY_BYTES, describe
 from app.api.responses import error_responses
 from app.api.schemas import KeyList, PublicKeyInfo, VerifyResponse
 from app.errors import InvalidRequest, MalformedRequest, PayloadTooLarge, StorageUnavailable
@@ -16,7 +17,7 @@ from app.provenance.verification import UnverifiableInput, Verification
 
 router = APIRouter(prefix="/v1", tags=["provenance"])
 
-MAX_VERIFY_BYTES = 64 << 20
+MAX_VERIFY_BYTES = MAX_BODY_BYTES  # one source: the body limit every route but /v1/generations has
 
 _BODY = {
     "requestBody": {
@@ -36,7 +37,7 @@ async def read_body(request: Request) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_VERIFY_BYTES:
-            raise PayloadTooLarge(f"the body exceeds {MAX_VERIFY_BYTES >> 20} MiB")
+            raise PayloadTooLarge(f"the body exceeds {describe(MAX_VERIFY_BYTES)}, this route's limit")
         chunks.append(chunk)
     return b"".join(chunks)
 

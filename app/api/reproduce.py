@@ -49,6 +49,13 @@ async def replay(request: Request, generations: GenerationDep) -> ReplayResponse
         raise InvalidRequest('send a manifest, {"generation_id": ...} or a PNG as the body', param="body")
     source = await asyncio.to_thread(load_source, body, generations.archive)
     original = parse_manifest(source)
-    params = generations.resolve(**request_of(original).param_fields())  # every field checked before any work
+    fields = request_of(original).param_fields()
+    try:  # every field checked before any work, against the model's limits too
+        params = generations.resolve(**fields)
+    except InvalidRequest as exc:
+        raise InvalidRequest(
+            f"the manifest's request cannot be replayed here: {exc.message}",
+            param=f"manifest.request.{exc.param}" if exc.param else "manifest.request",
+        ) from None
     report = await reproduce(generations, source, original, params, disconnected=request.is_disconnected)
     return ReplayResponse.model_validate(report)

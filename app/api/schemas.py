@@ -21,6 +21,14 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, str_max_length=20_000)
 
+    @field_validator("seed", "steps", "width", "height", "num_images", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        """Take 5.0 as 5: JSON Schema (and so the OpenAPI spec) calls any number with zero fraction an integer."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("prompt", "negative_prompt")
     @classmethod
     def _no_nul(cls, value: str) -> str:
@@ -39,16 +47,26 @@ class GenerationRequest(BaseModel):
         int | None,
         Field(ge=0, le=MAX_SEED, description="0..2^53-1; absent: the server draws one and returns it."),
     ] = None
-    steps: Annotated[int | None, Field(ge=1, le=1000, description="Denoising steps (model limit applies).")] = None
-    guidance_scale: Annotated[
-        float | None, Field(ge=0, le=100, allow_inf_nan=False, description="Classifier-free guidance scale.")
+    # Ranges of steps, guidance and size are the model's (GET /v1/models `limits`), checked in one place
+    # (the generation service), so every out-of-range value gets the same message naming the model's limit.
+    steps: Annotated[
+        int | None, Field(description="Denoising steps, from 1 to the model's limits.max_steps (GET /v1/models).")
     ] = None
-    width: Annotated[int | None, Field(ge=8, le=8192, description="Pixels; a multiple of the model's size step.")] = (
-        None
-    )
-    height: Annotated[int | None, Field(ge=8, le=8192, description="Pixels; a multiple of the model's size step.")] = (
-        None
-    )
+    guidance_scale: Annotated[
+        float | None,
+        Field(
+            allow_inf_nan=False,
+            description="Classifier-free guidance scale, from 0 to the model's limits.max_guidance_scale.",
+        ),
+    ] = None
+    width: Annotated[
+        int | None,
+        Field(description="Pixels: a multiple of the model's limits.size_multiple within its min_size..max_size."),
+    ] = None
+    height: Annotated[
+        int | None,
+        Field(description="Pixels: a multiple of the model's limits.size_multiple within its min_size..max_size."),
+    ] = None
     sampler: Annotated[SamplerName | None, Field(description="Sampler name; see GET /v1/samplers.")] = None
     num_images: Annotated[
         int, Field(ge=1, le=MAX_IMAGES, description="Image k uses seed + k, generated on its own.")
@@ -144,12 +162,23 @@ class WorkerStatus(BaseModel):
     )
 
 
+class StorageStatus(BaseModel):
+    """Whether the data dir (ledger and image store) can be written now."""
+
+    ok: bool
+    error: str | None = Field(description="Why not (disk full, read-only, ...); null when writes work.")
+
+
 class ReadyResponse(BaseModel):
-    """GET /readyz."""
+    """GET /readyz: ready when not draining, storage writes work and a worker takes user work."""
 
     ready: bool
     draining: bool
     queue_depth: int
+    storage: StorageStatus
+    checking: list[str] = Field(
+        description="Workers loaded but held out of user work until their golden check passes."
+    )
     workers: list[WorkerStatus]
     warnings: list[str] = Field(default_factory=list, description="Unsafe settings in force (anonymous access).")
 

@@ -30,17 +30,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server with its worker processes."""
     from app.models.registry import RegistryError
     from app.telemetry.logs import configure_logging
+    from app.telemetry.tracing import configure_tracing
     from app.worker.plan import prepare
     from app.worker.pool import WorkerPool
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level)
+    configure_tracing()  # on only when the standard OTEL_* variables ask for it
     pool: WorkerPool | None = None
     try:
         startup = prepare(settings)
         # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
         pool = WorkerPool(startup.configs, start_timeout_s=settings.worker_start_timeout_s).launch()
-        from app.cli.serve import run
+        from app.cli.serve import connection_limits, run
         from app.main import create_app
 
         launched = pool
@@ -50,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.terminate()
         print(f"sameseed: cannot start: {exc}", file=sys.stderr)
         return 2
-    run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s)
+    limits = connection_limits(settings)
+    run(application, host=settings.host, port=settings.port, drain_s=settings.drain_s, limits=limits)
     return 0
 
 
@@ -166,6 +169,16 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Soak a cpu:2 server; exit 1 when a request was lost or answered 5xx."""
+    from app.cli.soak import run_soak
+
+    report = run_soak(
+        requests=args.requests, concurrency=args.concurrency, kill_every_s=args.kill_every, out=args.out
+    )
+    return 0 if report.lost == 0 and report.server_errors == 0 else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -313,6 +326,13 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     bench.add_argument("--listeners", type=int, default=200, help="SSE streams open during the listener run")
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    soak = commands.add_parser("soak", help="mixed requests against cpu:2 with worker kills: lost, 5xx, p99, RSS")
+    soak.add_argument("--requests", type=int, default=3000)
+    soak.add_argument("--concurrency", type=int, default=16)
+    soak.add_argument("--kill-every", type=float, default=60.0, help="seconds between worker SIGKILLs")
+    soak.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    soak.set_defaults(func=cmd_soak)
 
     verify = commands.add_parser("verify", help="verify a PNG or manifest JSON offline (signature, pixels, C2PA)")
     verify.add_argument("file", type=Path, help="a PNG the service wrote, or a manifest JSON file")

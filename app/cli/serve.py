@@ -10,6 +10,10 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.limits import MAX_HEADER_BYTES
+from app.cli.connections import ConnectionLimits, GuardedH11Protocol
+from app.settings import Settings
+
 log = logging.getLogger("app.cli.serve")
 
 
@@ -46,9 +50,32 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, *, host: str, port: int, drain_s: float) -> None:
-    """Serve `app` until a signal, then drain and exit."""
-    config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=10
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The limits the HTTP server puts on each client connection, from the settings."""
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+        max_header_bytes=MAX_HEADER_BYTES,
     )
+
+
+def server_config(app: FastAPI, *, host: str, port: int, limits: ConnectionLimits) -> uvicorn.Config:
+    """uvicorn's configuration: our JSON logs, and connections guarded by `limits`."""
+    protocol = type("SameseedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        http=protocol,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
+
+
+def run(app: FastAPI, *, host: str, port: int, drain_s: float, limits: ConnectionLimits | None = None) -> None:
+    """Serve `app` until a signal, then drain and exit."""
+    config = server_config(app, host=host, port=port, limits=limits or ConnectionLimits())
     DrainingServer(config, app, drain_s).run()

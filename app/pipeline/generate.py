@@ -14,6 +14,7 @@ from app.params import GenerationParams
 from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
 from app.provenance.hashes import latent_array, latent_sha256, pixel_sha256
+from app.telemetry.tracing import child_span
 
 
 @dataclass(frozen=True)
@@ -170,26 +171,30 @@ def render_image(model: LoadedModel, params: GenerationParams, on_step: StepList
 
     with torch.inference_mode():
         # 5. Denoise to the final latents at batch size 1 (the CFG pair stays in one batch).
-        latents = pipe(
-            prompt=params.prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            width=params.width,
-            height=params.height,
-            num_images_per_prompt=1,
-            generator=generator,
-            output_type="latent",
-            **extra,
-        ).images
+        with child_span("denoise"):
+            latents = pipe(
+                prompt=params.prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                num_images_per_prompt=1,
+                generator=generator,
+                output_type="latent",
+                **extra,
+            ).images
 
         # 6. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
         final = latent_array(latents[0])  # kept so a replay can measure latent drift against it
         latent_hash = latent_sha256(final)
 
         # 7. Decode without the safety checker or a watermark; NaN/Inf pixels are decoded again in float32.
-        decoded = decode_latents(model.pipe.vae, latents)
-        image = model.pipe.image_processor.postprocess(decoded.pixels, output_type="pil", do_denormalize=[True])[0]
+        with child_span("decode"):
+            decoded = decode_latents(model.pipe.vae, latents)
+            image = model.pipe.image_processor.postprocess(
+                decoded.pixels, output_type="pil", do_denormalize=[True]
+            )[0]
     if decoded.upcast:
         warnings.append(vae_upcast_warning(decoded, params.seed))
 

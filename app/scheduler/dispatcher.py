@@ -29,6 +29,7 @@ from app.errors import (
 )
 from app.scheduler.work import Priority, Progress, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import epoch_ns, from_carrier, tracer
 from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, RenderImage
 from app.worker.pool import COMING, SERVING, InFlight, WorkerEvent, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 
@@ -101,8 +102,11 @@ class Dispatcher:
         return self.pool.handles()
 
     def ready(self) -> bool:
-        """True when not draining and at least one worker has its pipeline loaded and takes work."""
-        return not self.draining and any(w.state in SERVING for w in self.workers())
+        """True when not draining and at least one worker has its pipeline loaded and takes user work."""
+        # a held or quarantined worker may be busy, but only with its golden check
+        return not self.draining and any(
+            w.state in SERVING and not w.held and not w.quarantined for w in self.workers()
+        )
 
     def user_jobs(self) -> int:
         """User jobs admitted and not finished."""
@@ -260,8 +264,15 @@ class Dispatcher:
             work.started_at, work.state = utc_now(), WorkState.RUNNING
             if work.priority is Priority.USER:
                 self.metrics.queue_wait.observe(time.monotonic() - work.admitted)
+                if work.trace_context:  # noted now that it is over: admission to the first image sent
+                    tracer().start_span(
+                        "queue wait", context=from_carrier(work.trace_context), start_time=epoch_ns(work.admitted)
+                    ).end()
         work.attempts[index] = work.attempts.get(index, 0) + 1
-        message = RenderImage(work.id, index, work.images[index], check=work.priority is Priority.CHECK)
+        message = RenderImage(
+            work.id, index, work.images[index], check=work.priority is Priority.CHECK,
+            trace_context=work.trace_context or None,
+        )
         if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
         elif started:
@@ -363,7 +374,8 @@ class Dispatcher:
 
     def _fail_stranded(self) -> None:
         """Fail work whose group (or the whole pool) has no worker serving or coming back."""
-        alive = [w for w in self.workers() if w.state in SERVING or w.state in COMING]
+        # a worker held for its golden check serves once it passes
+        alive = [w for w in self.workers() if w.state in (*SERVING, *COMING, WorkerState.CHECKING)]
         for work in list(self._works.values()):
             if work.worker_id is not None:
                 continue  # pinned work ends with its worker's exit

@@ -80,6 +80,7 @@ class Work:
     started_at: str | None = None
     finished_at: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    trace_context: dict[str, str] = field(default_factory=dict)  # W3C headers: the worker's spans join this trace
 
     @property
     def finished(self) -> bool:

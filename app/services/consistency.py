@@ -52,7 +52,7 @@ class ConsistencyMonitor:
 
     def __init__(
         self, *, suite: GoldenSuite, store: BaselineStore, registry: Registry, metrics: Metrics, interval_s: float,
-        quarantine_on_drift: bool,
+        quarantine_on_drift: bool, require_consistency: bool = False,
     ) -> None:
         self.suite = suite
         self.store = store
@@ -60,6 +60,7 @@ class ConsistencyMonitor:
         self.metrics = metrics
         self.interval_s = interval_s
         self.quarantine_on_drift = quarantine_on_drift
+        self.require_consistency = require_consistency  # hold a started worker out of user work until it passes
         self.workers: dict[str, WorkerConsistency] = {}
         metrics.consistency_interval.set(interval_s)
         self.dispatcher: Dispatcher | None = None
@@ -74,9 +75,18 @@ class ConsistencyMonitor:
 
     def _on_worker_event(self, worker: WorkerHandle, event: WorkerEvent) -> None:
         if isinstance(event, WorkerReady):
-            self.start_check(worker)
+            self._start_check_holding(worker)
         elif isinstance(event, WorkerExited):
             self.apply_quarantine()  # a peer that is gone for good no longer vouches for its group
+
+    def _start_check_holding(self, worker: WorkerHandle) -> None:
+        """A worker's start-up check; with `require_consistency` the pool holds it out of user work meanwhile."""
+        assert self.dispatcher is not None
+        if self.require_consistency:
+            self.dispatcher.pool.set_held(worker.id, True)  # before the check is queued: no user image slips in
+        if self.start_check(worker) is None and worker.held:
+            log.info("worker %s has no golden case to check; taking user work", worker.id)
+            self.dispatcher.pool.set_held(worker.id, False)
 
     def start_periodic(self) -> None:
         """Every `interval_s`, queue a golden run on each worker (0 turns it off)."""
@@ -105,7 +115,7 @@ class ConsistencyMonitor:
 
     def start_check(self, worker: WorkerHandle) -> asyncio.Future[WorkerConsistency | None] | None:
         """Queue a golden run on this worker (ahead of user work); its verdict future, or None when moot."""
-        if self.dispatcher is None or worker.state not in (*SERVING, WorkerState.QUARANTINED):
+        if self.dispatcher is None or worker.state not in (*SERVING, WorkerState.QUARANTINED, WorkerState.CHECKING):
             return None
         running = self._runs.get(worker.id)
         if running is not None:
@@ -148,7 +158,26 @@ class ConsistencyMonitor:
         if not run.verdict.done():
             run.verdict.set_result(record)
         if record is not None:
+            self._release_if_passed(worker_id, record)
             self.apply_quarantine()
+
+    def _release_if_passed(self, worker_id: str, record: WorkerConsistency) -> None:
+        """A held worker whose check is consistent (or recorded its baseline) takes user work from now on."""
+        assert self.dispatcher is not None
+        handle = self.dispatcher.pool.workers.get(worker_id)
+        if handle is None or not handle.held:
+            return
+        if record.state in ("consistent", "baseline_recorded"):
+            log.info("worker %s passed its golden check (%s); taking user work", worker_id, record.state)
+            self.dispatcher.pool.set_held(worker_id, False)
+        else:  # stays out until a re-run passes (POST /v1/consistency/run) or baselines are imported
+            log.error("worker %s failed its golden check (%s); held out of user work", worker_id, record.state)
+
+    def checking(self) -> list[str]:
+        """Workers held out of user work until their golden check passes."""
+        if self.dispatcher is None:
+            return []
+        return [w.id for w in self.dispatcher.workers() if w.held]
 
     def apply_quarantine(self) -> None:
         """Quarantine exactly the drifted workers that have a consistent, serving peer in their group."""

@@ -20,6 +20,7 @@ from app.scheduler.dispatcher import Disconnected, Dispatcher
 from app.scheduler.work import Priority, Progress, Work, utc_now
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
+from app.telemetry.tracing import carrier, tracer
 from app.worker.messages import ImageRendered
 from app.worker.pool import WorkerHandle
 
@@ -90,12 +91,12 @@ def resolve_params(
             param="width",
         )
     steps = steps if steps is not None else d.steps
-    if steps > lim.max_steps:
+    if not 1 <= steps <= lim.max_steps:
         raise InvalidRequest(
             f"steps must be from 1 to {lim.max_steps} for model {entry.id}; got {steps}", param="steps"
         )
     guidance = guidance_scale if guidance_scale is not None else d.guidance_scale
-    if guidance > lim.max_guidance_scale:
+    if not 0 <= guidance <= lim.max_guidance_scale:
         raise InvalidRequest(
             f"guidance_scale must be from 0 to {lim.max_guidance_scale} for model {entry.id}; got {guidance}",
             param="guidance_scale",
@@ -175,6 +176,7 @@ class GenerationService:
                 group_key=self.dispatcher.group_for_key(params.model, reproducibility_key),
                 received_at=received_at or utc_now(),
                 on_progress=on_progress,
+                trace_context=carrier(),
             )
             self.dispatcher.submit(work)
         except SameseedError as exc:
@@ -216,18 +218,21 @@ class GenerationService:
         disconnected: Disconnected | None = None,
     ) -> Generation:
         """Render every image (image k with seed + k, on one key group) and build the manifest; raises why not."""
-        work = self.submit(params, reproducibility_key=reproducibility_key, received_at=received_at)
-        return await self.complete(work, params, disconnected=disconnected)
+        with tracer().start_as_current_span("render images", attributes={"sameseed.model": params.model}) as span:
+            work = self.submit(params, reproducibility_key=reproducibility_key, received_at=received_at)
+            span.set_attributes({"sameseed.generation_id": work.id, "sameseed.images": params.num_images})
+            return await self.complete(work, params, disconnected=disconnected)
 
     async def store(self, generation: Generation) -> StoredGeneration:
         """Sign, embed and store a generation durably: once this returns it survives SIGKILL."""
         assert self.archive is not None, "store() needs an archive"
-        archived = await asyncio.to_thread(
-            self.archive.record,
-            generation.manifest,
-            [image.png for image in generation.images],
-            [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
-        )
+        with tracer().start_as_current_span("sign and store"):
+            archived = await asyncio.to_thread(
+                self.archive.record,
+                generation.manifest,
+                [image.png for image in generation.images],
+                [latents_from_bytes(image.latents, image.latent_shape) for image in generation.images],
+            )
         return StoredGeneration(generation=generation, manifest=archived.manifest, pngs=list(archived.pngs))
 
     async def create(
@@ -243,10 +248,11 @@ class GenerationService:
 
         `notes` join the manifest's warnings before signing (what a front door accepted without effect).
         """
-        generation = await self.generate(
-            params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
-        )
-        if notes:  # recorded before signing: what a front door accepted without effect is part of the proof
-            manifest = generation.manifest.model_copy(update={"warnings": [*generation.manifest.warnings, *notes]})
-            generation = dataclasses.replace(generation, manifest=manifest)
-        return await self.store(generation)
+        with tracer().start_as_current_span("generation", attributes={"sameseed.model": params.model}):
+            generation = await self.generate(
+                params, reproducibility_key=reproducibility_key, received_at=received_at, disconnected=disconnected
+            )
+            if notes:  # recorded before signing: what a front door accepted without effect is part of the proof
+                manifest = generation.manifest.model_copy(update={"warnings": [*generation.manifest.warnings, *notes]})
+                generation = dataclasses.replace(generation, manifest=manifest)
+            return await self.store(generation)

@@ -25,6 +25,7 @@ from app.provenance.signing import KeyRing, PublicKeyEntry, load_private_key
 from app.provenance.verification import Verification, verify_manifest, verify_png
 from app.settings import Settings
 from app.store.files import ImageStore
+from app.store.health import StorageHealth
 from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus, ImageRow, Ledger
 
 log = logging.getLogger("app.store.archive")
@@ -86,6 +87,7 @@ class Archive:
         self._c2pa: ContentCredentials | None = None
         self.store = ImageStore(self.data_dir / "images")
         self.ledger = Ledger(self.data_dir / LEDGER_NAME)
+        self.health = StorageHealth([self.data_dir, self.store.root])  # the ledger's folder, then the images'
         self._keys: KeyRing | None = None
         self._retention: asyncio.Task[None] | None = None
 
@@ -178,6 +180,7 @@ class Archive:
             self.store.delete_generation(signed.id)
             log.error("cannot store generation: %s", exc, extra={"generation_id": signed.id})
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.health.failed(reason)
             raise StorageUnavailable(f"the image store or ledger cannot be written ({reason})") from None
         return Archived(manifest=signed, pngs=embedded)
 

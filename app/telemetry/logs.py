@@ -8,7 +8,10 @@ import sys
 import time
 from typing import Any
 
-_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+from app.telemetry.tracing import current_ids
+
+# color_message: uvicorn's copy of the message with ANSI colour escapes, meant for terminals
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             **self.static,
+            **current_ids(),  # trace_id, span_id inside a traced generation (tracing on)
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):

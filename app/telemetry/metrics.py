@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 CONSISTENCY_STATES = ("consistent", "baseline_recorded", "drifted", "unchecked")
-WORKER_STATES = ("starting", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
+WORKER_STATES = ("starting", "checking", "ready", "busy", "restarting", "failed", "quarantined", "stopped")
 # Error types exported at 0 from the start: increase() in the alert rules then sees the very first one.
 ALERTED_ERRORS = ("queue_full", "storage_unavailable")
 
@@ -75,6 +88,39 @@ class Metrics:
             "sameseed_consistency_interval_seconds", "Seconds between golden runs per worker; 0: only at start",
             registry=r,
         )
+
+        # --- operability (issue 17): process health, build identity, HTTP latency
+        disable_created_metrics()  # `_created` series double the output and no dashboard reads them
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Info("sameseed_build", "The running Sameseed build", registry=r)
+        self.http_duration = Histogram(
+            "sameseed_http_request_duration_seconds",
+            "HTTP requests by route template, method and status, from first byte in to last byte out",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries.inc(0)
+
+    def describe_build(self, version: str, **fields: str) -> None:
+        """Set `sameseed_build_info` (version, python and any other identity fields)."""
+        self.build_info.info({"version": version, "python": platform.python_version(), **fields})
+
+    def zero_counters(self, *, workers: Iterable[str], models: Iterable[str], outcomes: Iterable[str]) -> None:
+        """Create every known label set at 0, so `increase()` sees the first restart, upcast or mismatch."""
+        for worker in workers:
+            for counter in (
+                self.worker_restarts, self.worker_busy, self.worker_jobs, self.consistency_checks,
+                self.consistency_mismatches,
+            ):
+                counter.labels(worker=worker)
+        for model in models:
+            self.images.labels(model=model)
+            self.vae_upcasts.labels(model=model)
+        for outcome in outcomes:
+            self.jobs.labels(outcome=outcome)
 
     def set_consistency_state(self, worker: str, state: str) -> None:
         """Mark `state` as the one golden-check state of `worker`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 
 from app.errors import OutOfMemory
 from app.provenance.manifest import ManifestImage
+from app.telemetry.tracing import child_span
 from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
 
 log = logging.getLogger("app.worker")
@@ -114,7 +116,8 @@ class DiffusersEngine:
         from app.pipeline.generate import render_image
         from app.provenance.key import KEY_RUNTIME_FIELDS
 
-        loaded, fresh = self.model(job.params.model)
+        with child_span("load") if job.params.model not in self.models else contextlib.nullcontext():
+            loaded, fresh = self.model(job.params.model)
         result = render_image(loaded, job.params, on_step)
         runtime = {
             **{k: v for k, v in self.runtime.items() if k != "pid"},

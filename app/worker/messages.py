@@ -40,6 +40,7 @@ class RenderImage:
     index: int
     params: GenerationParams
     check: bool = False  # a golden-check image: judged by the monitor, not counted as user work
+    trace_context: dict[str, str] | None = None  # W3C trace context of the generation (tracing on)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class WorkerState(enum.StrEnum):
     """Lifecycle of one worker process."""
 
     STARTING = "starting"
+    CHECKING = "checking"  # loaded, held out of user work until its start-up golden check passes
     READY = "ready"
     BUSY = "busy"
     RESTARTING = "restarting"
@@ -84,6 +85,7 @@ class WorkerHandle:
     ready_seconds: float | None = None
     in_flight: InFlight | None = None
     quarantined: bool = False  # kept out of user work (drifted while a peer of its group is consistent)
+    held: bool = False  # kept out of user work until its golden check passes (SAMESEED_READY_REQUIRES_CONSISTENCY)
     busy_s: float = 0.0  # seconds spent rendering, for least-busy routing
     start_timed_out: bool = False
     cancel: Any = None  # a multiprocessing.Event the worker checks between steps of the image in flight
@@ -115,7 +117,7 @@ WorkerEvent = FromWorker | WorkerExited
 EventSink = Callable[[WorkerHandle, WorkerEvent, InFlight | None], None]
 SERVING = (WorkerState.READY, WorkerState.BUSY)
 COMING = (WorkerState.STARTING, WorkerState.RESTARTING)
-IDLE = (WorkerState.READY, WorkerState.QUARANTINED)
+IDLE = (WorkerState.READY, WorkerState.QUARANTINED, WorkerState.CHECKING)
 
 
 class WorkerPool:
@@ -204,12 +206,26 @@ class WorkerPool:
         handle = self.workers[worker_id]
         handle.quarantined = quarantined
         if handle.state in IDLE:
-            handle.state = WorkerState.QUARANTINED if quarantined else WorkerState.READY
+            handle.state = self._resting(handle)
+
+    def set_held(self, worker_id: str, held: bool) -> None:
+        """Hold a worker out of user work until its golden check passes (or release it); pinned work still runs."""
+        handle = self.workers[worker_id]
+        handle.held = held
+        if handle.state in IDLE:
+            handle.state = self._resting(handle)
+
+    @staticmethod
+    def _resting(handle: WorkerHandle) -> WorkerState:
+        """The state of a loaded worker with no image: which work it may take."""
+        if handle.quarantined:
+            return WorkerState.QUARANTINED
+        return WorkerState.CHECKING if handle.held else WorkerState.READY
 
     def _release(self, handle: WorkerHandle) -> InFlight | None:
         finished, handle.in_flight = handle.in_flight, None
         if handle.state is WorkerState.BUSY:
-            handle.state = WorkerState.QUARANTINED if handle.quarantined else WorkerState.READY
+            handle.state = self._resting(handle)
         if finished is not None:
             handle.busy_s += time.monotonic() - finished.started
         return finished
@@ -287,7 +303,7 @@ class WorkerPool:
                 if event.model_loaded:
                     handle.models[event.model_loaded["model"]] = event.model_loaded
         elif isinstance(event, WorkerReady):
-            handle.state = WorkerState.QUARANTINED if handle.quarantined else WorkerState.READY
+            handle.state = self._resting(handle)
             handle.runtime, handle.group_key = event.runtime, event.group_key
             handle.models, handle.pid = dict(event.models), event.pid
             handle.ready_seconds = round(time.monotonic() - handle.started_at, 3)

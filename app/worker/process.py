@@ -6,6 +6,7 @@ halves the speed on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from app.errors import SameseedError
+from app.telemetry.tracing import configure_tracing, from_carrier, shutdown_tracing, tracer
 from app.worker.engine import Engine, is_out_of_memory, load_engine, out_of_memory
 from app.worker.messages import (
     ImageCanceled,
@@ -64,6 +66,7 @@ def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     prepare_environment(config.device, config.cpu_threads)  # before torch is imported
     _setup_logging(config)
+    configure_tracing(**{"sameseed.worker_id": config.worker_id})  # on only when OTEL_* variables say so
     started = time.perf_counter()
     try:
         engine = load_engine(config)
@@ -86,7 +89,10 @@ def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None
             load_seconds=round(time.perf_counter() - started, 3),
         )
     )
-    serve(engine, conn, config.worker_id, cancel)
+    try:
+        serve(engine, conn, config.worker_id, cancel)
+    finally:
+        shutdown_tracing()  # flush this worker's spans
 
 
 def _group_key(runtime: dict[str, Any]) -> str:
@@ -127,39 +133,51 @@ def serve(engine: Engine, conn: Connection, worker_id: str, cancel: CancelFlag |
             continue
         if cancel is not None:
             cancel.clear()
-        try:
-            reply: Any = engine.render(message, _step_listener(conn, message, worker_id, cancel))
-            log.info(
-                "image %d rendered in %.3fs",
-                message.index,
-                reply.seconds,
-                extra={
-                    "generation_id": message.job_id,
-                    "seed": message.params.seed,
-                    "latent_sha256": reply.image.latent_sha256,
-                },
+        span = (
+            tracer().start_as_current_span(
+                "render image",
+                context=from_carrier(message.trace_context),
+                attributes={"sameseed.worker_id": worker_id, "sameseed.index": message.index},
             )
-        except RenderCanceled as exc:
-            log.info("image %d canceled after %d steps", message.index, exc.steps_done,
-                     extra={"generation_id": message.job_id})
-            reply = ImageCanceled(message.job_id, message.index, worker_id, exc.steps_done)
-        except SameseedError as exc:
-            reply = ImageFailed(
-                message.job_id, message.index, worker_id, exc.type, exc.message, exc.param
-            )
-        except Exception as exc:  # recoverable: report it, keep serving
-            if is_out_of_memory(exc):
-                error = out_of_memory(exc, message)
-                log.error("out of memory: %s", error.message, extra={"generation_id": message.job_id})
-                reply = ImageFailed(message.job_id, message.index, worker_id, error.type, error.message, error.param)
-                conn.send(reply)
-                continue
-            log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
-            reply = ImageFailed(
-                message.job_id,
-                message.index,
-                worker_id,
-                "generation_failed",
-                f"the pipeline raised {type(exc).__name__}: {exc}",
-            )
+            if message.trace_context
+            else contextlib.nullcontext()
+        )
+        with span:
+            reply = _render(engine, message, worker_id, _step_listener(conn, message, worker_id, cancel))
         conn.send(reply)
+
+
+def _render(engine: Engine, message: RenderImage, worker_id: str, on_step: Any) -> Any:  # noqa: ANN401
+    """Render one image; a job error (out of memory included) or a cancel becomes a reply, never an exit."""
+    try:
+        reply: Any = engine.render(message, on_step)
+        log.info(
+            "image %d rendered in %.3fs",
+            message.index,
+            reply.seconds,
+            extra={
+                "generation_id": message.job_id,
+                "seed": message.params.seed,
+                "latent_sha256": reply.image.latent_sha256,
+            },
+        )
+    except RenderCanceled as exc:
+        log.info("image %d canceled after %d steps", message.index, exc.steps_done,
+                 extra={"generation_id": message.job_id})
+        reply = ImageCanceled(message.job_id, message.index, worker_id, exc.steps_done)
+    except SameseedError as exc:
+        reply = ImageFailed(message.job_id, message.index, worker_id, exc.type, exc.message, exc.param)
+    except Exception as exc:  # recoverable: report it, keep serving
+        if is_out_of_memory(exc):
+            error = out_of_memory(exc, message)
+            log.error("out of memory: %s", error.message, extra={"generation_id": message.job_id})
+            return ImageFailed(message.job_id, message.index, worker_id, error.type, error.message, error.param)
+        log.error("generation failed: %s", traceback.format_exc(), extra={"generation_id": message.job_id})
+        reply = ImageFailed(
+            message.job_id,
+            message.index,
+            worker_id,
+            "generation_failed",
+            f"the pipeline raised {type(exc).__name__}: {exc}",
+        )
+    return reply

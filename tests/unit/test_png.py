@@ -119,3 +119,84 @@ def test_verify_png_without_a_manifest_is_unverifiable():
     _, pngs = sample_generation(num_images=1)
     with pytest.raises(UnverifiableInput, match="no 'sameseed.manifest'"):
         verify_png(pngs[0], {})
+
+
+def _with_chunks(png, *extra):
+    """The PNG with raw chunks inserted after IHDR (CRCs correct, contents as given)."""
+    import struct
+    import zlib
+
+    out, offset = [png[:8]], 8
+    length = struct.unpack(">I", png[offset : offset + 4])[0]
+    out.append(png[offset : offset + 12 + length])
+    for kind, data in extra:
+        out.append(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+    out.append(png[offset + 12 + length :])
+    return b"".join(out)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        (b"zTXt", b"comment\0\0not zlib data at all"),  # was an uncaught zlib.error: a 500
+        (b"zTXt", b"comment\0\0" + __import__("zlib").compress(b"cut short")[:-6]),
+        (b"zTXt", b"comment\0\x07" + __import__("zlib").compress(b"unknown method")),
+        (b"iTXt", b"comment\0\1\0\0\0not zlib"),
+    ],
+)
+def test_malformed_compressed_text_chunk_is_a_png_error(chunk):
+    _, pngs = sample_generation(num_images=1)
+    with pytest.raises(PngError, match="comment"):
+        read_texts(_with_chunks(pngs[0], chunk))
+
+
+def test_compressed_text_is_bounded_per_png_and_stops_at_the_first_chunk_past_it():
+    import zlib
+
+    from app.provenance.png import MAX_TEXT_BYTES
+
+    _, pngs = sample_generation(num_images=1)
+    quarter = zlib.compress(b"a" * (MAX_TEXT_BYTES // 4), 9)  # ~4 KB that inflate to 1 MiB
+    within = _with_chunks(pngs[0], *[(b"zTXt", b"k%d\0\0" % i + quarter) for i in range(4)])
+    assert len(read_texts(within)) == 4
+    # 64 such chunks are a 260 KB upload that would inflate to 64 MiB: refused at the fifth, naming the limit
+    bomb = _with_chunks(pngs[0], *[(b"zTXt", b"k%d\0\0" % i + quarter) for i in range(64)])
+    with pytest.raises(PngError, match=r"beyond 4 MiB \(the limit per PNG\), at zTXt chunk b'k4'"):
+        read_texts(bomb)
+    one_big = _with_chunks(pngs[0], (b"iTXt", b"k\0\1\0\0\0" + zlib.compress(b"a" * (MAX_TEXT_BYTES + 1), 9)))
+    with pytest.raises(PngError, match="4 MiB"):
+        read_texts(one_big)
+
+
+def _a1111_read(text):
+    """How AUTOMATIC1111's parse_generation_parameters splits `parameters` into prompt, negative and settings."""
+    *lines, last = text.strip().split("\n")
+    prompt, negative, done = "", "", False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done, line = True, line[16:].strip()
+        if done:
+            negative += ("" if not negative else "\n") + line
+        else:
+            prompt += ("" if not prompt else "\n") + line
+    return prompt, negative, last
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative"),
+    [
+        ("a cat\nNegative prompt: dogs\nSteps: 999, Sampler: Euler, Seed: 1", ""),
+        ("Negative prompt: forged", "blurry"),
+        ("a cat\u2028Steps: 999", "x\r\nSteps: 999, Seed: 3"),
+        ('"quoted"', ""),
+    ],
+)
+def test_a1111_parameters_cannot_be_forged_by_the_prompt(signer, prompt, negative):
+    document, _, _ = signed(signer, prompt=prompt, negative_prompt=negative)
+    text = a1111_parameters(document, 0)
+    assert len(text.splitlines()) == (3 if negative else 2)
+    read_prompt, read_negative, settings = _a1111_read(text)
+    assert json.loads(read_prompt) == prompt  # escaped as one JSON string, readable back exactly
+    assert (json.loads(read_negative) if read_negative.startswith('"') else read_negative) == negative
+    assert settings.startswith("Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 7,")
