@@ -299,6 +299,19 @@ async def scripts() -> dict[str, list[str]]:
 
 @router.get("/progress", response_model=Progress, operation_id="a1111_progress")
 async def progress(generations: GenerationDep) -> Progress:
-    """A1111's progress poll: Sameseed reports queued jobs; an answer comes only when its images are done."""
-    waiting = generations.dispatcher.waiting_jobs()
-    return Progress(progress=0.0, eta_relative=0.0, state=ProgressState(job_count=waiting))
+    """A1111's progress poll: the oldest running job's steps done, from the same state job events report."""
+    running = generations.running_progress()
+    if running is None:
+        return Progress(progress=0.0, eta_relative=0.0, state=ProgressState(job_count=0))
+    eta = running.elapsed_s * (1 - running.fraction) / running.fraction if running.fraction > 0 else 0.0
+    return Progress(
+        progress=round(running.fraction, 4),
+        eta_relative=round(eta, 2),
+        state=ProgressState(
+            job=running.job_id,
+            job_count=running.jobs,
+            job_no=running.image_index,
+            sampling_step=running.step,
+            sampling_steps=running.steps,
+        ),
+    )

@@ -148,7 +148,7 @@ class ProgressState(BaseModel):
 
 
 class Progress(BaseModel):
-    """GET /sdapi/v1/progress: Sameseed answers only when an image is done, so progress is 0 or idle."""
+    """GET /sdapi/v1/progress: the oldest running job's fraction of steps done, its current image and step."""
 
     progress: float
     eta_relative: float

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,19 @@ class Generation:
     params: GenerationParams
     images: list[ImageRendered]
     manifest: Manifest
+
+
+@dataclass(frozen=True)
+class RunningProgress:
+    """How far the oldest running user job is: the fraction of its denoising steps done, and its current image."""
+
+    job_id: str
+    fraction: float
+    elapsed_s: float
+    image_index: int
+    step: int
+    steps: int
+    jobs: int  # user jobs queued or running
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,25 @@ class GenerationService:
     def workers(self) -> list[WorkerHandle]:
         """Every worker of this server, in id order."""
         return self.dispatcher.workers()
+
+    def running_progress(self) -> RunningProgress | None:
+        """The oldest started user job's progress (None when none runs): what A1111's progress poll shows."""
+        running = [w for w in self.dispatcher.in_flight(Priority.USER) if w.started_at is not None]
+        if not running:
+            return None
+        work = min(running, key=lambda w: w.admitted)
+        total = sum(p.steps for p in work.images)
+        done = sum(min(work.steps_done.get(k, 0), p.steps) for k, p in enumerate(work.images))
+        current = next((k for k in range(len(work.images)) if k not in work.results), len(work.images) - 1)
+        return RunningProgress(
+            job_id=work.id,
+            fraction=done / total if total else 0.0,
+            elapsed_s=time.monotonic() - work.admitted,
+            image_index=current,
+            step=work.steps_done.get(current, 0),
+            steps=work.images[current].steps,
+            jobs=len(self.dispatcher.in_flight(Priority.USER)),
+        )
 
     def has_key(self, model: str, key: str) -> bool:
         """Whether a worker serves `model` under reproducibility key `key`."""

@@ -188,3 +188,22 @@ def test_a_job_is_visible_only_to_the_api_key_that_made_it_and_admin_keys(tmp_pa
         admin = {"Authorization": "Bearer root-key-0123456789a"}  # an admin key sees every job
         assert client.get(path, headers=admin).json()["state"] == "succeeded"
         assert client.get("/v1/models", headers={"Authorization": "Bearer admin"}).status_code == 401
+
+
+def test_a1111_progress_reads_the_running_jobs_steps(tmp_path):
+    pools = []
+    with make_client(tmp_path, pools, auto=False) as client:
+        pool = pools[0]
+        client.portal.call(pool.ready, "w0")
+        idle = client.get("/sdapi/v1/progress").json()
+        assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+        job = client.post("/v1/generations", json={"prompt": "a", "steps": 10, "num_images": 2}, headers=ASYNC).json()
+        client.post("/v1/generations", json={"prompt": "b"}, headers=ASYNC)  # queued behind it
+        message = renders(pool, job["id"])[0]
+        for step in (1, 2, 3, 4, 5):
+            client.portal.call(pool.step, "w0", message, step, 10)
+        progress = client.get("/sdapi/v1/progress").json()
+        assert progress["progress"] == 0.25  # 5 of 2 x 10 steps
+        assert progress["state"]["job"] == job["id"] and progress["state"]["job_count"] == 2
+        assert (progress["state"]["sampling_step"], progress["state"]["sampling_steps"]) == (5, 10)
+        assert progress["eta_relative"] > 0
