@@ -30,7 +30,7 @@ class DirectPipeline:
         """Seconds for one 1-image call to PIL pixels (CPU noise, as the service draws it)."""
         import torch
 
-        from app.devicecheck.runner import PROMPT
+        from app.devicecheck.workload import PROMPT
 
         started = time.perf_counter()
         self.pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, width=size, height=size,

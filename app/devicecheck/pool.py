@@ -23,7 +23,7 @@ class PoolResult:
 
 def worker_configs(run: Any, count: int) -> list[WorkerConfig]:
     """`count` workers on the run's device, loading the devicecheck model."""
-    from app.devicecheck.runner import MODEL_ID
+    from app.devicecheck.workload import MODEL_ID
 
     return [
         WorkerConfig(
@@ -43,7 +43,7 @@ def worker_configs(run: Any, count: int) -> list[WorkerConfig]:
 
 def render_on_workers(run: Any, *, seed: int, count: int, timeout_s: float) -> PoolResult:
     """Start `count` pool workers, send each the same RenderImage, collect the images; always stops the pool."""
-    from app.devicecheck.runner import MODEL_ID, NEGATIVE, PROMPT
+    from app.devicecheck.workload import MODEL_ID, NEGATIVE, PROMPT
 
     params = GenerationParams(model=MODEL_ID, prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed,
                               steps=run.o.check_steps, guidance_scale=7.5, width=run.o.size, height=run.o.size,

@@ -26,13 +26,11 @@ from typing import Any
 import yaml
 
 from app.devicecheck.report import Check, Measure, Report
+from app.devicecheck.workload import MODEL_ID, NEGATIVE
 
-MODEL_ID = "devicecheck-sd15"
-PROMPT = "a photo of a cat"
 PHASES = ("model", "server", "n_image", "concurrency", "golden", "vae_guard", "two_workers", "restart", "latency")
 # What 512x512 50-step SD1.5 costs on an H100 with real weights, for reading the service's figure.
 ANCHORS = "; H100 anchors with real weights: 0.75 s TensorRT, 1.44 s PyTorch 2 compile, FLOP floor about 0.105 s"
-NEGATIVE = "blurry, low quality"
 
 
 @dataclass(frozen=True)
