@@ -96,7 +96,7 @@ async def create_generation(
     params = generations.resolve(**body.param_fields())
     options = {
         "response_format": body.response_format, "reproducibility_key": body.reproducibility_key,
-        "owner": owner, "received_at": received,
+        "owner": owner, "received_at": received, "previews": body.previews,
     }
     if _wants(prefer, "respond-async"):
         job = await jobs.submit(params, durable=True, **options)
@@ -108,6 +108,11 @@ async def create_generation(
         # the job's id before any event: another client can read its status or cancel it meanwhile
         headers = {"Content-Location": f"/v1/generations/{job.id}", "Cache-Control": "no-store"}
         return EventSourceResponse(_sse(job.follow(), on_close=lambda: jobs.abandon(job)), headers=headers)
+    if body.previews:  # a synchronous answer has no step events to carry them: refused, not silently ignored
+        raise InvalidRequest(
+            "previews come with step events: ask with `Prefer: respond-async` or `Accept: text/event-stream`",
+            param="previews",
+        )
     stored = await generations.create(
         params,
         reproducibility_key=body.reproducibility_key,

@@ -82,10 +82,20 @@ class GenerationRequest(BaseModel):
         Literal["b64_png", "url"],
         Field(description="b64_png: images inline as base64 PNG; url: links only (GET the `url`)."),
     ] = "b64_png"
+    previews: Annotated[
+        bool,
+        Field(
+            description=(
+                "Jobs only (`Prefer: respond-async` or `Accept: text/event-stream`): each `step` event carries "
+                "`preview`, a low-resolution base64 PNG approximated from the latents. Not a generation "
+                "parameter: never changes the images, their hashes or the manifest."
+            ),
+        ),
+    ] = False
 
     def param_fields(self) -> dict[str, Any]:
         """The generation parameters given (absent ones None), for the service to resolve."""
-        return self.model_dump(exclude={"reproducibility_key", "response_format"})
+        return self.model_dump(exclude={"reproducibility_key", "response_format", "previews"})
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -13,6 +13,7 @@ from PIL import Image
 from app.params import GenerationParams
 from app.pipeline.families import FAMILIES
 from app.pipeline.loader import LoadedModel, json_config, make_scheduler, pipeline_view
+from app.pipeline.previews import preview_png
 from app.provenance.hashes import latent_array, latent_sha256, pixel_sha256
 from app.telemetry.tracing import child_span
 
@@ -127,7 +128,7 @@ def vae_upcast_warning(decoded: Decoded, seed: int) -> dict[str, Any]:
     }
 
 
-StepListener = Callable[[int, int], None]
+StepListener = Callable[..., None]  # on_step(step, steps), with previews on_step(step, steps, preview=png)
 
 
 def step_callback(on_step: StepListener) -> Callable[..., dict[str, Any]]:
@@ -141,11 +142,29 @@ def step_callback(on_step: StepListener) -> Callable[..., dict[str, Any]]:
     return callback
 
 
-def render_image(model: LoadedModel, params: GenerationParams, on_step: StepListener | None = None) -> RenderedImage:
+def preview_callback(on_step: Callable[..., None], family: str) -> Callable[..., dict[str, Any]]:
+    """Like `step_callback`, and also hands the listener `preview=` a small PNG made from a copy of the latents.
+
+    It returns no tensors, so the pipeline goes on with its own latents, which nothing here changed.
+    """
+
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN401
+        preview = preview_png(tensors["latents"], family)
+        on_step(index + 1, int(getattr(pipe, "num_timesteps", 0) or 0), preview=preview)
+        return {}
+
+    return callback
+
+
+def render_image(
+    model: LoadedModel, params: GenerationParams, on_step: StepListener | None = None, *, previews: bool = False
+) -> RenderedImage:
     """Generate one image deterministically: same model, runtime and params give the same bits.
 
     `on_step(step, steps)` is called after each denoising step; it reads nothing, so the bits are
-    the same with or without it, and an exception it raises stops the image there.
+    the same with or without it, and an exception it raises stops the image there. With `previews`
+    it is called `on_step(step, steps, preview=png)`: a low-resolution PNG approximated from a copy
+    of the latents, which never changes the image.
     """
     import torch
 
@@ -165,7 +184,10 @@ def render_image(model: LoadedModel, params: GenerationParams, on_step: StepList
         width=params.width, height=params.height, negative_prompt=params.negative_prompt, pipe_config=pipe.config
     )
     extra = conditioning.call_kwargs() if conditioning else {}
-    if on_step is not None:  # no tensor inputs: the callback is handed nothing it could change
+    if on_step is not None and previews:  # the latents are read (copied), and the callback returns none back
+        callback = preview_callback(on_step, model.entry.family)
+        extra.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    elif on_step is not None:  # no tensor inputs: the callback is handed nothing it could change
         extra.update(callback_on_step_end=step_callback(on_step), callback_on_step_end_tensor_inputs=[])
     negative_prompt = None if conditioning and conditioning.zero_negative_prompt else params.negative_prompt
 

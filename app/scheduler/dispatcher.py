@@ -271,7 +271,7 @@ class Dispatcher:
         work.attempts[index] = work.attempts.get(index, 0) + 1
         message = RenderImage(
             work.id, index, work.images[index], check=work.priority is Priority.CHECK,
-            trace_context=work.trace_context or None,
+            trace_context=work.trace_context or None, previews=work.previews,
         )
         if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
@@ -332,6 +332,8 @@ class Dispatcher:
             return
         work.steps_done[event.index] = event.step
         data = {"index": event.index, "worker": event.worker_id, "step": event.step, "steps": event.steps}
+        if event.preview_png is not None:
+            data["preview_png"] = event.preview_png
         self._progress(work, Progress.STEP, data)
 
     def _on_image_failed(self, event: ImageFailed) -> None:

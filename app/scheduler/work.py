@@ -44,7 +44,7 @@ class Progress(enum.StrEnum):
     """What `Work.on_progress` is told about, with its data."""
 
     STARTED = "started"  # the first image went to a worker: {worker, index}
-    STEP = "step"  # a denoising step finished: {index, worker, step, steps}
+    STEP = "step"  # a denoising step finished: {index, worker, step, steps[, preview_png]}
     IMAGE = "image"  # an image finished: {index, seed, latent_sha256, pixel_sha256, width, height, worker}
 
 
@@ -81,6 +81,7 @@ class Work:
     finished_at: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C headers: the worker's spans join this trace
+    previews: bool = False  # workers send a low-resolution preview with each step (never part of the images)
 
     @property
     def finished(self) -> bool:

@@ -199,8 +199,12 @@ class GenerationService:
         reproducibility_key: str | None = None,
         received_at: str | None = None,
         on_progress: ProgressListener | None = None,
+        previews: bool = False,
     ) -> Work:
-        """Queue every image (image k with seed + k, on one key group); admission errors raise now."""
+        """Queue every image (image k with seed + k, on one key group); admission errors raise now.
+
+        `previews` asks the workers for a low-resolution preview with each step (it never changes an image).
+        """
         try:
             work = Work(
                 id=work_id or new_generation_id(),
@@ -210,6 +214,7 @@ class GenerationService:
                 received_at=received_at or utc_now(),
                 on_progress=on_progress,
                 trace_context=carrier(),
+                previews=previews,
             )
             self.dispatcher.submit(work)
         except SameseedError as exc:

@@ -11,6 +11,7 @@ changes; after a restart a job the previous process did not finish is reported `
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import functools
@@ -219,6 +220,7 @@ class JobService:
         owner: str | None = None,
         durable: bool = True,
         received_at: str | None = None,
+        previews: bool = False,
     ) -> Job:
         """Accept a job: a durable one is in the ledger when this returns; admission errors raise (nothing kept)."""
         job = Job(
@@ -238,7 +240,7 @@ class JobService:
         try:
             job.work = self.generations.submit(
                 params, work_id=job.id, reproducibility_key=reproducibility_key, received_at=job.received_at,
-                on_progress=lambda _work, kind, data: self._on_progress(job, kind, data),
+                on_progress=lambda _work, kind, data: self._on_progress(job, kind, data), previews=previews,
             )
         except SameseedError:
             if durable and self.ledger is not None:  # never accepted: the client gets the error instead
@@ -277,7 +279,10 @@ class JobService:
             self._requeue_positions()
         elif kind is Progress.STEP:
             job.progress = {"index": data["index"], "step": data["step"], "steps": data["steps"]}
-            job.emit("step", job.progress)
+            if "preview_png" in data:  # only in the event, never in the job's status or the result
+                job.emit("step", {**job.progress, "preview": base64.b64encode(data["preview_png"]).decode("ascii")})
+            else:
+                job.emit("step", job.progress)
         elif kind is Progress.IMAGE:
             job.images_done += 1
             job.emit("image", data)

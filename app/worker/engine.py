@@ -17,7 +17,7 @@ from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
 
 log = logging.getLogger("app.worker")
 
-StepListener = Callable[[int, int], None]  # (step done, steps): may raise to stop the image
+StepListener = Callable[..., None]  # (step done, steps[, preview=png of RenderImage.previews]): may raise to stop
 
 KEY_VERSION_FIELDS = (
     "versions.torch", "versions.diffusers", "versions.transformers", "versions.cuda", "versions.cudnn"
@@ -112,13 +112,14 @@ class DiffusersEngine:
         return loaded, {"model": model_id, **self.model_keys[model_id]}
 
     def render(self, job: RenderImage, on_step: StepListener | None = None) -> ImageRendered:
-        """Render one image of a job and describe it for the manifest; `on_step(step, steps)` after each step."""
+        """Render one image of a job and describe it for the manifest; `on_step(step, steps)` after each step
+        (with `preview=` a small PNG when the job asked for previews)."""
         from app.pipeline.generate import render_image
         from app.provenance.key import KEY_RUNTIME_FIELDS
 
         with child_span("load") if job.params.model not in self.models else contextlib.nullcontext():
             loaded, fresh = self.model(job.params.model)
-        result = render_image(loaded, job.params, on_step)
+        result = render_image(loaded, job.params, on_step, previews=job.previews)
         runtime = {
             **{k: v for k, v in self.runtime.items() if k != "pid"},
             "reproducibility_key": self.model_keys[job.params.model]["reproducibility_key"],

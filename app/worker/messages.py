@@ -41,6 +41,7 @@ class RenderImage:
     params: GenerationParams
     check: bool = False  # a golden-check image: judged by the monitor, not counted as user work
     trace_context: dict[str, str] | None = None  # W3C trace context of the generation (tracing on)
+    previews: bool = False  # send a low-resolution preview with each step (never part of the image or its hashes)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class ImageStep:
     worker_id: str
     step: int
     steps: int
+    preview_png: bytes | None = None  # a small PNG approximated from the latents (RenderImage.previews only)
 
 
 @dataclass(frozen=True)

@@ -102,15 +102,16 @@ def _group_key(runtime: dict[str, Any]) -> str:
 
 
 def _step_listener(conn: Connection, message: RenderImage, worker_id: str, cancel: CancelFlag | None) -> Any:  # noqa: ANN401
-    """Report each finished step to the parent; stop the image (RenderCanceled) once the parent set the flag.
+    """Report each finished step (and its preview, when asked) to the parent; stop the image once the parent set the flag.
 
     Runs inside the pipeline on this main thread: torch work never moves to another thread.
     """
 
-    def on_step(step: int, steps: int) -> None:
+    def on_step(step: int, steps: int, preview: bytes | None = None) -> None:
         if cancel is not None and cancel.is_set():
             raise RenderCanceled(step)
-        conn.send(ImageStep(message.job_id, message.index, worker_id, step, steps))
+        preview = preview if message.previews else None  # off unless the job asked: nothing extra on the pipe
+        conn.send(ImageStep(message.job_id, message.index, worker_id, step, steps, preview))
 
     return on_step
 

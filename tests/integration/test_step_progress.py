@@ -1,8 +1,11 @@
-"""Step progress in process on the real tiny pipelines: the callback only reads, and can stop an image."""
+"""Step progress in process on the real tiny pipelines: the callback only reads (previews too), and can stop an image."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from app.models.registry import load_registry
 from app.params import GenerationParams
@@ -63,3 +66,23 @@ def test_a_listener_that_raises_stops_the_image_at_that_step_and_the_next_image_
     assert seen == [1, 2]
     after = render_image(model, params)
     assert (after.latent_sha256, after.pixel_sha256) == (before.latent_sha256, before.pixel_sha256)
+
+
+@pytest.mark.parametrize(("model_id", "sampler"), [("sd1", "euler_a"), ("xl", "euler")])
+def test_hashes_are_equal_with_and_without_previews_and_each_step_has_a_latent_sized_png(load, model_id, sampler):
+    model = load(model_id)
+    params = GenerationParams(model_id, "a photo of a cat", "", 11, 6, 7.5, 64, 48, sampler, 1)
+    previews: list[tuple[int, bytes]] = []
+    plain = render_image(model, params, lambda step, total: None)
+    watched = render_image(
+        model, params, lambda step, total, preview: previews.append((step, preview)), previews=True
+    )
+    assert (watched.latent_sha256, watched.pixel_sha256) == (plain.latent_sha256, plain.pixel_sha256)
+    assert watched.latents == plain.latents and watched.png == plain.png
+    assert [step for step, _ in previews] == list(range(1, len(previews) + 1)) and len(previews) >= params.steps
+    scale = model.pipe.vae_scale_factor  # one preview pixel per latent cell (8 on full-size models, 2 on tiny ones)
+    for _, png in previews:
+        image = Image.open(io.BytesIO(png))
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (64 // scale, 48 // scale))
+    # the approximation follows the latents: the last preview differs from the first (pure noise)
+    assert previews[0][1] != previews[-1][1]

@@ -13,7 +13,7 @@ from typing import Any
 from app.errors import ModelUnavailable
 from app.worker.engine import StepListener
 from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
-from tests.support.fakes import FAKE_KEY, RUNTIME, rendered
+from tests.support.fakes import FAKE_KEY, RUNTIME, fake_preview, rendered
 
 
 class FakeEngine:
@@ -46,7 +46,9 @@ class SteppingEngine(FakeEngine):
         """Step through the image (the listener may raise to stop it), then render."""
         for step in range(1, job.params.steps + 1):
             time.sleep(self.STEP_S)  # stands for a denoising step's work
-            if on_step is not None:
+            if on_step is not None and job.previews:  # as DiffusersEngine: a preview only when the job asked
+                on_step(step, job.params.steps, preview=fake_preview(job, step))
+            elif on_step is not None:
                 on_step(step, job.params.steps)
         return super().render(job)
 

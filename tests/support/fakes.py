@@ -58,6 +58,12 @@ def fake_png(width: int, height: int, *parts: Any) -> tuple[bytes, str]:
     return buffer.getvalue(), hashlib.sha256(pixels.tobytes()).hexdigest()
 
 
+def fake_preview(message: RenderImage, step: int) -> bytes:
+    """The step preview a worker would send: a latent-sized (width/8 x height/8) PNG."""
+    params = message.params
+    return fake_png(params.width // 8, params.height // 8, "preview", message.job_id, message.index, step)[0]
+
+
 def rendered(message: RenderImage, worker_id: str = "w0", key: str = FAKE_KEY, salt: str = "") -> ImageRendered:
     """A plausible ImageRendered whose hashes depend only on the parameters (like the real thing)."""
     p = message.params
@@ -156,9 +162,10 @@ class FakePool(WorkerPool):
         self._deliver(handle, handle.process, rendered(message, worker_id, salt=salt))
 
     def step(self, worker_id: str, message: RenderImage, step: int, steps: int) -> None:
-        """The worker finished denoising step `step` of `steps` of `message`."""
+        """The worker finished denoising step `step` of `steps` of `message` (with a preview if it asked for them)."""
         handle = self.workers[worker_id]
-        self._deliver(handle, handle.process, ImageStep(message.job_id, message.index, worker_id, step, steps))
+        preview = fake_preview(message, step) if message.previews else None
+        self._deliver(handle, handle.process, ImageStep(message.job_id, message.index, worker_id, step, steps, preview))
 
     def stop_canceled(self, worker_id: str, message: RenderImage, steps_done: int) -> None:
         """The worker saw its cancel flag and stopped `message` after `steps_done` steps (it is idle again)."""
