@@ -102,7 +102,7 @@ def _group_key(runtime: dict[str, Any]) -> str:
 
 
 def _step_listener(conn: Connection, message: RenderImage, worker_id: str, cancel: CancelFlag | None) -> Any:  # noqa: ANN401
-    """Report each finished step (and its preview, when asked) to the parent; stop the image once the parent set the flag.
+    """Report each finished step (and its preview, if asked) to the parent; stop the image once the cancel flag is set.
 
     Runs inside the pipeline on this main thread: torch work never moves to another thread.
     """

@@ -1,4 +1,4 @@
-"""Step progress in process on the real tiny pipelines: the callback only reads (previews too), and can stop an image."""
+"""Step progress in process on the real tiny pipelines: the callback only reads (previews too) and can stop an image."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
 """Jobs over HTTP with a fake pool: async submission, status, SSE events and resume, cancellation, restarts, keys."""
 
+import base64
+import io
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 from httpx_sse import connect_sse
+from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
@@ -207,3 +210,32 @@ def test_a1111_progress_reads_the_running_jobs_steps(tmp_path):
         assert progress["state"]["job"] == job["id"] and progress["state"]["job_count"] == 2
         assert (progress["state"]["sampling_step"], progress["state"]["sampling_steps"]) == (5, 10)
         assert progress["eta_relative"] > 0
+
+
+def test_step_events_carry_a_preview_only_when_the_job_asked_and_the_result_is_the_same(tmp_path):
+    with make_client(tmp_path, [], auto_steps=2) as client:
+        body = {"prompt": "a cat", "seed": 3, "num_images": 2}
+        plain = client.post("/v1/generations", json=body, headers=ASYNC).json()
+        watched = client.post("/v1/generations", json={**body, "previews": True}, headers=ASYNC).json()
+        plain_events = events_of(client, f"/v1/generations/{plain['id']}/events")
+        watched_events = events_of(client, f"/v1/generations/{watched['id']}/events")
+        assert [name for _, name, _ in plain_events] == [name for _, name, _ in watched_events]
+        plain_steps = [d for _, name, d in plain_events if name == "step"]
+        watched_steps = [d for _, name, d in watched_events if name == "step"]
+        assert len(watched_steps) == 4 and all("preview" not in d for d in plain_steps)
+        for step in watched_steps:
+            image = Image.open(io.BytesIO(base64.b64decode(step["preview"], validate=True)))
+            assert image.format == "PNG" and image.size[0] > 0
+        # previews are not a generation parameter: the images, hashes and manifest request are the same
+        first, second = events_of(client, f"/v1/generations/{plain['id']}/events")[-1][2], watched_events[-1][2]
+        assert [i["latent_sha256"] for i in first["images"]] == [i["latent_sha256"] for i in second["images"]]
+        assert first["manifest"]["request"] == second["manifest"]["request"]
+        assert "previews" not in second["manifest"]["request"]
+        status = client.get(f"/v1/generations/{watched['id']}").json()
+        assert "preview" not in (status["progress"] or {})
+
+
+def test_previews_without_step_events_are_refused_not_ignored(tmp_path):
+    with make_client(tmp_path, []) as client:
+        refused = client.post("/v1/generations", json={"prompt": "a cat", "previews": True})
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "previews"

@@ -123,3 +123,27 @@ def test_a_cancel_stops_the_image_at_the_next_step_and_the_loop_serves_the_next_
     GatedEngine.gate.release(2)
     replies = [receive(conn) for _ in range(3)]
     assert [type(r) for r in replies] == [ImageStep, ImageStep, ImageRendered] and replies[-1].job_id == "gen_2"
+
+
+class AlwaysPreviewEngine(SteppingEngine):
+    """An engine that hands the listener a preview at every step, asked for or not: the loop decides what is sent."""
+
+    def render(self, job, on_step=None):
+        for step in range(1, job.params.steps + 1):
+            on_step(step, job.params.steps, preview=b"\x89PNG preview %d" % step)
+        return FakeEngine.render(self, job)
+
+
+@pytest.mark.parametrize("engine", [SteppingEngine, AlwaysPreviewEngine])
+def test_step_previews_are_sent_only_for_an_image_that_asked_for_them(loop_with, engine):
+    conn = loop_with(engine, threading.Event())
+    params = GenerationParams(**{**PARAMS.as_dict(), "steps": 3})
+    conn.send(RenderImage("gen_1", 0, params))
+    plain = [receive(conn) for _ in range(4)]
+    conn.send(RenderImage("gen_2", 0, params, previews=True))
+    watched = [receive(conn) for _ in range(4)]
+    assert [type(r) for r in plain] == [type(r) for r in watched] == [ImageStep, ImageStep, ImageStep, ImageRendered]
+    assert [r.preview_png for r in plain[:3]] == [None, None, None]
+    assert all(isinstance(r.preview_png, bytes) and r.preview_png.startswith(b"\x89PNG") for r in watched[:3])
+    assert len({r.preview_png for r in watched[:3]}) == 3  # one per step, not one repeated
+    assert watched[3].image.latent_sha256 == plain[3].image.latent_sha256  # previews change nothing of the image
