@@ -193,3 +193,10 @@ class FakePool(WorkerPool):
         handle = self.workers[worker_id]
         handle.crashes_in_row = MAX_RAPID_CRASHES
         self._deliver(handle, handle.process, WorkerExited(worker_id, -9))
+
+
+def answering_app(settings: Any) -> Any:  # noqa: ANN401 - Settings in, FastAPI out (imported lazily)
+    """The real app over a FakePool whose workers get ready and answer at once (no processes, no torch)."""
+    from app.main import create_app
+
+    return create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))

@@ -7,20 +7,16 @@ import httpx
 import pytest
 import webuiapi
 
-from app.main import create_app
 from app.provenance.hashes import pixel_sha256
 from app.provenance.png import MANIFEST_KEYWORD, PARAMETERS_KEYWORD, read_texts
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 from tests.support.live import LiveServer
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    application = create_app(
-        Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1"),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1"))
     with LiveServer(application) as server:
         yield server
 

@@ -7,25 +7,18 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.errors import assert_error
+from tests.support.fakes import FakePool, answering_app
 
 
 @pytest.fixture()
 def client(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with TestClient(application) as test_client:
         yield test_client
 
 
-def assert_error(response, status, type_, param=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
-    assert body["error"]["type"] == type_
-    assert body["error"]["param"] == param
-    assert body["error"]["message"]
-    return body["error"]["message"]
 
 
 def test_generation_returns_images_hashes_and_a_manifest(client):

@@ -11,17 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
 from app.provenance.png import MANIFEST_KEYWORD, embed_texts, read_texts
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.errors import assert_error
+from tests.support.fakes import answering_app
 
 
 def make_client(tmp_path, **settings):
-    application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:1", **settings),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1", **settings))
     return TestClient(application)
 
 
@@ -37,9 +34,6 @@ def generate(client, **body):
     return response.json()
 
 
-def assert_error(response, status, type_, param=None):
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["type"] == type_ and response.json()["error"]["param"] == param
 
 
 def test_response_png_is_the_stored_png_with_the_signed_manifest_embedded(client):

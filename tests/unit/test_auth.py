@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from app.api.auth import ApiKeys
 from app.main import create_app
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 PLAIN = "team-a-0123456789abcdef"
 HASHED = "team-b-fedcba9876543210"
@@ -25,7 +25,7 @@ def keys_file(tmp_path):
 @pytest.fixture()
 def client(tmp_path, keys_file):
     settings = Settings(data_dir=tmp_path / "data", workers="cpu:1", api_keys_file=keys_file)
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with TestClient(application) as test_client:
         yield test_client
 

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from app.main import create_app
 from app.provenance.c2pa import DIGITAL_SOURCE_TYPE, C2paCredentialsError, manifest_sha256
 from app.provenance.png import (
     MANIFEST_KEYWORD,
@@ -30,14 +29,11 @@ from app.provenance.png import (
     read_texts,
 )
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 
 def make_client(data_dir, **settings):
-    application = create_app(
-        Settings(data_dir=data_dir, workers="cpu:1", **settings),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=data_dir, workers="cpu:1", **settings))
     return TestClient(application)
 
 

@@ -12,9 +12,8 @@ import uvicorn
 from app.cli.connections import ConnectionLimits
 from app.cli.serve import server_config
 from app.cli.server_process import free_port
-from app.main import create_app
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 DEADLINE_S = 0.5
 
@@ -34,9 +33,7 @@ def serve(tmp_path):
     started = []
 
     def start(limits):
-        application = create_app(
-            Settings(data_dir=tmp_path, workers="cpu:1"), pool_factory=lambda configs: FakePool(configs, auto=True)
-        )
+        application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1"))
         server = uvicorn.Server(server_config(application, host="127.0.0.1", port=free_port(), limits=limits))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

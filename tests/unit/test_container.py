@@ -16,12 +16,11 @@ from fastapi.testclient import TestClient
 
 import app
 from app.cli.commands import cmd_serve, parser
-from app.main import create_app
 from app.models.registry import load_registry
 from app.pipeline.determinism import CUBLAS_WORKSPACE_CONFIG
 from app.provenance.key import KEY_RUNTIME_FIELDS, reproducibility_key
 from app.settings import Settings
-from tests.support.fakes import RUNTIME, FakePool
+from tests.support.fakes import RUNTIME, answering_app
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ROOT = "/srv/sameseed"  # the Dockerfile's WORKDIR: where the repo's files are inside the image
@@ -213,7 +212,7 @@ def test_healthcheck_asks_readyz_of_the_app_on_the_configured_port(tmp_path):
     path = re.search(r"http://127\.0\.0\.1:%s(/\w+)", command[2]).group(1)
     assert path == "/readyz"
     settings = Settings(data_dir=tmp_path, workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with TestClient(application) as client:
         assert client.get(path).status_code == 200  # the app answers it, 200 once a worker is ready
     # compose repeats the image's health check: the two must not drift apart

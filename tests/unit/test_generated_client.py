@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.main import create_app
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 from tests.support.live import LiveServer
 
 KEY = "generated-client-key-0123456789"
@@ -31,7 +30,7 @@ def live(tmp_path_factory):
     keys = tmp_path_factory.mktemp("secrets") / "api_keys"
     keys.write_text(KEY + "\n")
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1", api_keys_file=keys)
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with LiveServer(application) as server:
         yield server
 

@@ -7,28 +7,19 @@ import zlib
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.provenance.png import MAX_TEXT_BYTES
 from app.settings import Settings
-from tests.support.fakes import FakePool, fake_png
+from tests.support.errors import assert_error
+from tests.support.fakes import answering_app, fake_png
 
 
 @pytest.fixture()
 def client(tmp_path):
-    application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:1"),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1"))
     with TestClient(application, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
-def assert_error(response, status, type_, param=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
-    assert body["error"]["type"] == type_ and body["error"]["param"] == param
-    return body["error"]["message"]
 
 
 def with_chunks(png, *extra):

@@ -7,30 +7,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.limits import MAX_BODY_BYTES, ROUTE_BODY_LIMITS
-from app.main import create_app
 from app.provenance.png import MANIFEST_KEYWORD, embed_texts
 from app.settings import Settings
-from tests.support.fakes import FakePool, fake_png
+from tests.support.errors import assert_error
+from tests.support.fakes import answering_app, fake_png
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 @pytest.fixture()
 def client(tmp_path):
-    application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:1"),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1"))
     with TestClient(application, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
-def assert_error(response, status, type_, param=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
-    assert body["error"]["type"] == type_ and body["error"]["param"] == param
-    return body["error"]["message"]
 
 
 @pytest.mark.parametrize(

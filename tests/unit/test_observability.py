@@ -8,17 +8,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import app
-from app.main import create_app
 from app.settings import Settings
 from app.telemetry.logs import JsonFormatter
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 
 @pytest.fixture()
 def client(tmp_path):
-    application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:2"), pool_factory=lambda configs: FakePool(configs, auto=True)
-    )
+    application = answering_app(Settings(data_dir=tmp_path, workers="cpu:2"))
     with TestClient(application, raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -19,7 +19,7 @@ from app.main import create_app
 from app.provenance.png import MANIFEST_KEYWORD, read_texts
 from app.settings import Settings
 from app.worker.messages import RenderImage
-from tests.support.fakes import FakePool
+from tests.support.fakes import FakePool, answering_app
 from tests.support.live import LiveServer
 
 KEY = "test-key-0123456789abcdef"
@@ -52,10 +52,7 @@ class HoldingPool(FakePool):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    application = create_app(
-        Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1"),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1"))
     with LiveServer(application) as server:
         yield server
 
@@ -147,10 +144,7 @@ def test_unknown_model_is_not_found_in_openai_shape(sdk):
 def test_the_api_key_is_the_sdks_api_key(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(KEY + "\n")
-    application = create_app(
-        Settings(data_dir=tmp_path / "data", workers="cpu:1", api_keys_file=keys),
-        pool_factory=lambda configs: FakePool(configs, auto=True),
-    )
+    application = answering_app(Settings(data_dir=tmp_path / "data", workers="cpu:1", api_keys_file=keys))
     with LiveServer(application) as live:
         with openai.OpenAI(base_url=f"{live.url}/v1", api_key="not-the-key-at-all", max_retries=0) as wrong:
             with pytest.raises(openai.AuthenticationError) as caught:

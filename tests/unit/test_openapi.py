@@ -3,9 +3,8 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 OPERATION_IDS = {
     "create_generation",
@@ -40,7 +39,7 @@ OPERATION_IDS = {
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"), workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with TestClient(application) as client:
         yield client.get("/openapi.json").json()
 

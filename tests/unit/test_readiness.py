@@ -5,13 +5,12 @@ import shutil
 
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.provenance.golden import BaselineStore, load_suite
 from app.services.consistency import ConsistencyMonitor
 from app.settings import Settings
 from app.telemetry.metrics import Metrics
 from app.worker.pool import WorkerState
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 from tests.unit.test_dispatcher import MODELS, answer_golden, make, renders, req, until
 
 
@@ -104,9 +103,7 @@ def wait_ready(client, status, deadline_s=10.0):
 
 
 def test_readyz_turns_503_naming_storage_while_writes_fail_and_recovers_by_itself(tmp_path):
-    application = create_app(
-        Settings(data_dir=tmp_path, workers="cpu:1"), pool_factory=lambda configs: FakePool(configs, auto=True)
-    )
+    application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1"))
     with TestClient(application, raise_server_exceptions=False) as client:
         ready = wait_ready(client, 200)
         assert ready.status_code == 200 and ready.json()["storage"] == {"ok": True, "error": None}

@@ -9,16 +9,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
 from app.provenance.png import embed_texts
 from app.settings import Settings
-from tests.support.fakes import FakePool
+from tests.support.fakes import answering_app
 
 
 @pytest.fixture()
 def client(tmp_path):
     settings = Settings(data_dir=tmp_path, workers="cpu:1")
-    application = create_app(settings, pool_factory=lambda configs: FakePool(configs, auto=True))
+    application = answering_app(settings)
     with TestClient(application) as test_client:
         yield test_client
 
