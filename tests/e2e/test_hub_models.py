@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import ROOT
-from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
+from tests.support.fake_hub import COMMIT, REPO, hub_registry, tiny_hub, tiny_pins
 
 
 def healthcheck(port: int) -> int:
@@ -41,10 +41,8 @@ def wait_for_worker_error(url: str, deadline_s: float = 120.0) -> dict:
 
 @pytest.fixture()
 def fake_hub():
-    server = FakeHub().start()
-    server.add(REPO, COMMIT, folder_files(TINY))
-    yield server
-    server.stop()
+    with tiny_hub() as server:
+        yield server
 
 
 def test_hub_model_not_ready_then_pulled_at_start_then_served_offline_with_the_same_bits(

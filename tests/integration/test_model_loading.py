@@ -7,17 +7,13 @@ import torch
 from app.models.build import MODEL_SPECS
 from app.models.hub import pull
 from app.models.registry import load_registry
-from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
-
-COMMITTED_TINY = TINY
+from tests.support.fake_hub import COMMIT, REPO, TINY, hub_registry, tiny_hub, tiny_pins
 
 
 @pytest.fixture()
 def fake_hub():
-    server = FakeHub().start()
-    server.add(REPO, COMMIT, folder_files(TINY))
-    yield server
-    server.stop()
+    with tiny_hub() as server:
+        yield server
 
 
 @pytest.fixture()
@@ -28,7 +24,7 @@ def dirs(tmp_path):
 def test_tiny_pipeline_loads_and_generates_finite_output():
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_TINY, use_safetensors=True)
+    pipe = StableDiffusionPipeline.from_pretrained(TINY, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     spec = MODEL_SPECS["sameseed-tiny"]
     assert isinstance(pipe.scheduler, PNDMScheduler)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -170,3 +172,14 @@ class FakeHub:
                 return files
 
         return Handler
+
+
+@contextmanager
+def tiny_hub(extra: dict[str, bytes] | None = None) -> Iterator[FakeHub]:
+    """A fake hub serving the committed tiny model at REPO@COMMIT (plus `extra` files); stopped on exit."""
+    server = FakeHub().start()
+    try:
+        server.add(REPO, COMMIT, {**folder_files(TINY), **(extra or {})})
+        yield server
+    finally:
+        server.stop()

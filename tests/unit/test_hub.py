@@ -15,7 +15,7 @@ from app.models.registry import Registry, load_registry
 from app.pipeline.loader import VAE_FILES
 from app.provenance.hashes import file_sha256
 from app.settings import EMBEDDED_REGISTRY
-from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, folder_files, hub_registry, tiny_pins
+from tests.support.fake_hub import COMMIT, REPO, TINY, FakeHub, hub_registry, tiny_hub, tiny_pins
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = {  # what a real SD1.5 repo holds besides the pipeline's files: none of it may be fetched
@@ -33,10 +33,8 @@ EXTRAS = {  # what a real SD1.5 repo holds besides the pipeline's files: none of
 
 @pytest.fixture()
 def fake_hub():
-    server = FakeHub().start()
-    server.add(REPO, COMMIT, {**folder_files(TINY), **EXTRAS})
-    yield server
-    server.stop()
+    with tiny_hub(EXTRAS) as server:
+        yield server
 
 
 @pytest.fixture()
