@@ -388,15 +388,16 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ metrics
     def refresh_metrics(self) -> None:
-        """Bring gauges (queue depth, worker states, restarts) up to date."""
+        """Bring gauges (queue depth, worker states, restarts, loaded keys) up to date: called at each scrape."""
         self._sync_metrics()
+        # which key each worker serves is only read by a scrape: derived here, not after every event
+        self.metrics.set_worker_keys(
+            {w.id: {m: info.get("reproducibility_key") for m, info in w.models.items()} for w in self.workers()}
+        )
 
     def _sync_metrics(self) -> None:
         self.metrics.queue_depth.set(self.waiting_jobs())
         self.metrics.images_pending.set(len(self._pending))
-        self.metrics.set_worker_keys(
-            {w.id: {m: info.get("reproducibility_key") for m, info in w.models.items()} for w in self.workers()}
-        )
         for worker in self.workers():
             self.metrics.set_worker_state(worker.id, worker.state.value)
             seen = self._restarts_seen.get(worker.id, 0)

@@ -109,10 +109,6 @@ class ConsistencyMonitor:
             self._periodic = None
 
     # ------------------------------------------------------------------ runs
-    def checks_in_flight(self) -> int:
-        """Golden runs queued or running."""
-        return len(self._runs)
-
     def start_check(self, worker: WorkerHandle) -> asyncio.Future[WorkerConsistency | None] | None:
         """Queue a golden run on this worker (ahead of user work); its verdict future, or None when moot."""
         if self.dispatcher is None or worker.state not in (*SERVING, WorkerState.QUARANTINED, WorkerState.CHECKING):

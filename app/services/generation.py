@@ -170,7 +170,8 @@ class GenerationService:
 
     def running_progress(self) -> RunningProgress | None:
         """The oldest started user job's progress (None when none runs): what A1111's progress poll shows."""
-        running = [w for w in self.dispatcher.in_flight(Priority.USER) if w.started_at is not None]
+        jobs = self.dispatcher.in_flight(Priority.USER)
+        running = [w for w in jobs if w.started_at is not None]
         if not running:
             return None
         work = min(running, key=lambda w: w.admitted)
@@ -184,7 +185,7 @@ class GenerationService:
             image_index=current,
             step=work.steps_done.get(current, 0),
             steps=work.images[current].steps,
-            jobs=len(self.dispatcher.in_flight(Priority.USER)),
+            jobs=len(jobs),
         )
 
     def has_key(self, model: str, key: str) -> bool:
