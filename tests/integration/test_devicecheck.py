@@ -47,3 +47,31 @@ def test_unknown_phases_to_skip_are_refused(tmp_path):
     )
     assert done.returncode == 2 and "not warp" in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_turning_determinism_off_and_on_again_flips_every_setting_on_cuda():
+    import torch
+
+    from app.devicecheck.direct import DirectPipeline
+
+    direct = DirectPipeline.__new__(DirectPipeline)  # the settings only: no model, no GPU
+    direct.device = "cuda"
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    try:
+        direct.determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert "flash and memory-efficient SDPA on" in direct.loose_settings
+        direct.determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.flash_sdp_enabled() and direct.loose_settings == ""
+    finally:  # this test process's settings as they were
+        torch.use_deterministic_algorithms(saved[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:5]
+        torch.backends.cuda.enable_flash_sdp(saved[5])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[6])

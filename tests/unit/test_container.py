@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from fastapi.testclient import TestClient
 
@@ -15,9 +14,8 @@ import app
 from app.cli.commands import cmd_serve, parser
 from app.models.registry import load_registry
 from app.pipeline.determinism import CUBLAS_WORKSPACE_CONFIG
-from app.provenance.key import KEY_RUNTIME_FIELDS, reproducibility_key
 from app.settings import Settings
-from tests.support.fakes import RUNTIME, answering_app
+from tests.support.fakes import answering_app
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ROOT = "/srv/sameseed"  # the Dockerfile's WORKDIR: where the repo's files are inside the image
@@ -266,27 +264,9 @@ def test_dockerignore_admits_only_what_the_image_copies():
     assert admitted == copied
 
 
-def test_image_identity_reaches_the_manifest_but_not_the_key():
-    from app.pipeline.determinism import runtime_fingerprint
-    from app.provenance.manifest import ManifestRuntime
-
-    identity = Settings(image_version="1.2.3", image_revision="abc123", image_base="nvidia/cuda:x").image_identity()
-    assert identity == {"version": "1.2.3", "revision": "abc123", "base": "nvidia/cuda:x"}
-    assert Settings().image_identity() is None  # outside an image
-    assert runtime_fingerprint("cpu", "w0", image=identity)["image"] == identity
-    assert "image" not in KEY_RUNTIME_FIELDS
-    keyed = {"files": {"a": "0" * 64}, "pipeline": "StableDiffusionPipeline", "dtype": "float32"}
-    assert reproducibility_key(**keyed, runtime={**RUNTIME, "image": identity}) == reproducibility_key(
-        **keyed, runtime={**RUNTIME, "image": None}
-    )
-    runtime = {**RUNTIME, "worker_id": "w0", "reproducibility_key": "rk1-x", "key_fields": [], "image": identity}
-    assert ManifestRuntime(**runtime).model_dump()["image"] == identity
-
-
 # ---------------------------------------------------------------- the lock is complete
 
 
-@pytest.mark.slow
 def _runtime_pins() -> dict[str, str]:
     """Canonical name -> version of every `name==version` line of requirements.lock."""
     from packaging.utils import canonicalize_name
