@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ class StorageHealth:
         self.problem: str | None = None
         self._checked_at = float("-inf")
         self._lock = asyncio.Lock()
+        # Unique per server, not just per pid: servers on several nodes may share one data dir (NFS).
+        self._probe_name = f".probe-{os.getpid()}-{secrets.token_hex(4)}"
 
     def failed(self, reason: str) -> None:
         """Record that a real write failed: storage reads unhealthy until the next probe succeeds."""
@@ -29,7 +32,7 @@ class StorageHealth:
     def probe(self) -> str | None:
         """Write, fsync and remove a small file in each directory (blocking); the first error, or None."""
         for directory in self.directories:
-            path = directory / f".probe-{os.getpid()}"
+            path = directory / self._probe_name
             try:
                 with path.open("wb") as handle:
                     handle.write(b"\0" * PROBE_BYTES)
