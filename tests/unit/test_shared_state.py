@@ -162,3 +162,18 @@ def test_storage_probes_of_servers_sharing_a_data_dir_use_their_own_file(tmp_pat
     first, second = StorageHealth([tmp_path]), StorageHealth([tmp_path])
     assert first._probe_name != second._probe_name and str(os.getpid()) in first._probe_name
     assert first.probe() is None and second.probe() is None and list(tmp_path.iterdir()) == []
+
+
+def test_the_ledger_bench_counts_only_committed_generations(tmp_path, postgres_url):
+    from app.cli.ledgerbench import measure
+    from app.store.ledger import GenerationQuery
+
+    ledgers = (("sqlite", SqliteLedger(tmp_path / "l.sqlite3")), ("postgresql", PostgresLedger(postgres_url)))
+    for backend, ledger in ledgers:
+        ledger.migrate()
+        try:
+            rate = measure(ledger, backend, 2, 0.05)
+            assert rate.generations > 0 and rate.per_second > 0
+            assert len(ledger.find(GenerationQuery(), limit=100_000)) == rate.generations
+        finally:
+            ledger.close()
