@@ -112,7 +112,7 @@ class LedgerUnavailable(LedgerError):
     """A write did not commit (disk full, read-only file, lost database connection): nothing was recorded."""
 
 
-class DuplicateRecord(LedgerUnavailable):
+class DuplicateRecord(LedgerError):
     """A write was refused because its id (or key) is already recorded."""
 
 

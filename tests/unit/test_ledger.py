@@ -117,6 +117,25 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_ledger_of_the_previous_version_is_upgraded_keeping_its_rows(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    with sqlite3.connect(path) as conn:  # a ledger a release with schema version 2 wrote
+        for migration in MIGRATIONS[:2]:
+            conn.executescript(migration)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            "INSERT INTO jobs (id, state, params, response_format, received_at, updated_at) "
+            "VALUES ('gen_1', 'running', '{}', 'b64_png', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')"
+        )
+    ledger = SqliteLedger(path)
+    try:
+        assert ledger.migrate() == 2
+        assert [(j.id, j.node) for j in ledger.unfinished_jobs()] == [("gen_1", None)]
+        assert ledger.record_baseline(baseline())[0] is True
+    finally:
+        ledger.close()
+
+
 def test_both_backends_migrate_to_the_same_tables_and_columns(tmp_path, postgres_url):
     assert len(MIGRATIONS) == len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION
     lite = SqliteLedger(tmp_path / "ledger.sqlite3")
