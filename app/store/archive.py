@@ -105,7 +105,9 @@ class Archive:
         self.store = ImageStore(self.data_dir / "images")
         self.ledger = open_ledger(settings)
         self.ledger.check()  # an unreachable database stops the start here, naming it (never a fallback)
-        self.health = StorageHealth([self.data_dir, self.store.root])  # the ledger's folder, then the images'
+        # the ledger's folder, then the images', then (a database) the ledger itself
+        ping = self.ledger.ping if self.ledger.shared else None
+        self.health = StorageHealth([self.data_dir, self.store.root], ping=ping)
         self._keys: KeyRing | None = None
         self._retention: asyncio.Task[None] | None = None
 

@@ -281,6 +281,9 @@ class Ledger(abc.ABC):
     def check(self) -> None:  # noqa: B027 - a file needs no check; a database server overrides it
         """Raise LedgerError when the ledger cannot be reached now (a start-up check; files: nothing to do)."""
 
+    def ping(self) -> None:  # noqa: B027 - a file ledger is probed with its folder; a database server overrides it
+        """Raise LedgerError when the ledger cannot take a query now (for /readyz; answers within seconds)."""
+
     def describe(self) -> str:
         """Where the rows live, for logs and /readyz: never a password."""
         return self.backend

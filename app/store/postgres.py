@@ -154,6 +154,14 @@ class PostgresLedger(Ledger):
         except psycopg.Error as exc:
             raise self._unreachable(exc) from None
 
+    def ping(self, timeout_s: float = 2.0) -> None:
+        """Run `SELECT 1` on a pooled connection within `timeout_s`; LedgerUnavailable otherwise (for /readyz)."""
+        try:
+            with self._connections().connection(timeout=timeout_s) as conn:
+                conn.execute("SELECT 1")
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise LedgerUnavailable(f"the PostgreSQL ledger {self.describe()} does not answer: {exc}") from None
+
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
         # Durability: a commit returns only once it is on the server's disk, whatever postgresql.conf says.

@@ -156,6 +156,27 @@ def test_a_file_ledger_recovers_every_unfinished_job_whatever_its_node(tmp_path)
         ledger.close()
 
 
+def test_readiness_sees_a_database_that_stopped_answering(tmp_path, postgres_cluster):
+    import psycopg
+
+    from app.store.health import StorageHealth
+    from tests.support.postgres import fresh_database_url
+
+    url = fresh_database_url(postgres_cluster)
+    ledger = PostgresLedger(url)
+    ledger.migrate()
+    health = StorageHealth([tmp_path], ping=ledger.ping)
+    try:
+        assert health.probe() is None
+        with psycopg.connect(postgres_cluster.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")  # its connections are cut too
+        problem = health.probe()
+        assert problem is not None and problem.startswith("ledger: the PostgreSQL ledger postgresql://sameseed@")
+        assert "does not answer" in problem
+    finally:
+        ledger.close()
+
+
 def test_storage_probes_of_servers_sharing_a_data_dir_use_their_own_file(tmp_path):
     from app.store.health import StorageHealth
 
