@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="postgresql://user:password@host:port/dbname: the ledger and golden baselines in PostgreSQL, "
         "shared by every server given the same URL. Absent: the SQLite file ledger.sqlite3 in the data dir.",
     )
+    database_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=5.0,
+        description="Seconds to connect to the PostgreSQL ledger, and that a request waits for a connection "
+        "before it is answered 503 storage_unavailable.",
+    )
     node_id: str | None = Field(
         default=None,
         description="This server's name in a shared ledger (its jobs are recovered by it after a restart); "

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,7 +236,7 @@ class JobService:
             )
             try:
                 await self._write(self.ledger.insert_job, row)
-            except (sqlite3.Error, OSError, LedgerError) as exc:  # not recorded: not accepted
+            except (OSError, LedgerError) as exc:  # not recorded: not accepted
                 raise StorageUnavailable(f"the ledger cannot record the job ({exc})") from None
         try:
             job.work = self.generations.submit(

@@ -56,7 +56,7 @@ def open_ledger(settings: Settings) -> Ledger:
     if settings.database_url is not None:
         from app.store.postgres import PostgresLedger  # psycopg is loaded only by servers that use it
 
-        return PostgresLedger(settings.database_url.get_secret_value())
+        return PostgresLedger(settings.database_url.get_secret_value(), connect_timeout_s=settings.database_timeout_s)
     return SqliteLedger(settings.data_dir / LEDGER_NAME)
 
 

@@ -267,7 +267,7 @@ class Ledger(abc.ABC):
         """A write transaction: committed (durably) when the block ends, rolled back when it raises."""
 
     @abc.abstractmethod
-    def _reader(self) -> AbstractContextManager[Session]:
+    def _open_reader(self) -> AbstractContextManager[Session]:
         """A session for reads."""
 
     @abc.abstractmethod
@@ -297,6 +297,14 @@ class Ledger(abc.ABC):
         except self._duplicate_errors as exc:
             raise DuplicateRecord(str(exc)) from exc
         except self._driver_errors as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+
+    @contextmanager
+    def _reader(self) -> Iterator[Session]:
+        try:
+            with self._open_reader() as session:
+                yield session
+        except self._driver_errors as exc:  # a lost database connection: a 503, not a bug
             raise LedgerUnavailable(str(exc)) from exc
 
     # ------------------------------------------------------------------ baselines
@@ -615,7 +623,7 @@ class SqliteLedger(Ledger):
         return found
 
     @contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
+    def _open_reader(self) -> Iterator[sqlite3.Connection]:
         yield self._connection()
 
     def close(self) -> None:

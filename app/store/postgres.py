@@ -130,7 +130,7 @@ class PostgresLedger(Ledger):
     _driver_errors = (psycopg.Error, psycopg_pool.PoolTimeout)
     _duplicate_errors = (psycopg.errors.UniqueViolation,)
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, pool_max: int = POOL_MAX) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0, pool_max: int = POOL_MAX) -> None:
         self._url = url
         self.connect_timeout_s = connect_timeout_s
         self.pool_max = pool_max
@@ -157,7 +157,7 @@ class PostgresLedger(Ledger):
     def ping(self, timeout_s: float = 2.0) -> None:
         """Run `SELECT 1` on a pooled connection within `timeout_s`; LedgerUnavailable otherwise (for /readyz)."""
         try:
-            with self._connections().connection(timeout=timeout_s) as conn:
+            with self._connections().connection(timeout=min(timeout_s, self.connect_timeout_s)) as conn:
                 conn.execute("SELECT 1")
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise LedgerUnavailable(f"the PostgreSQL ledger {self.describe()} does not answer: {exc}") from None
@@ -204,12 +204,9 @@ class PostgresLedger(Ledger):
             yield _Session(conn)
 
     @contextmanager
-    def _reader(self) -> Iterator[_Session]:
-        try:
-            with self._connections().connection() as conn:
-                yield _Session(conn)
-        except psycopg_pool.PoolTimeout as exc:
-            raise LedgerUnavailable(str(exc)) from exc
+    def _open_reader(self) -> Iterator[_Session]:
+        with self._connections().connection() as conn:
+            yield _Session(conn)
 
     def migrate(self) -> int:
         """Create or upgrade the schema to SCHEMA_VERSION in one transaction; returns the version found before."""

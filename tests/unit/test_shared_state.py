@@ -177,6 +177,31 @@ def test_readiness_sees_a_database_that_stopped_answering(tmp_path, postgres_clu
         ledger.close()
 
 
+def test_a_server_whose_database_goes_away_answers_503_and_reads_not_ready(tmp_path, postgres_cluster):
+    import psycopg
+    from fastapi.testclient import TestClient
+
+    from tests.support.fakes import answering_app
+    from tests.support.postgres import fresh_database_url
+
+    url = fresh_database_url(postgres_cluster)
+    application = answering_app(settings(tmp_path, workers="cpu:1", database_url=url, database_timeout_s=0.5))
+    with TestClient(application, raise_server_exceptions=False) as client:
+        made = client.post("/v1/generations", json={"prompt": "a", "seed": 1})
+        assert made.status_code == 200 and client.get(f"/v1/generations/{made.json()['id']}").status_code == 200
+        with psycopg.connect(postgres_cluster.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+        for response in (
+            client.get(f"/v1/generations/{made.json()['id']}"),
+            client.get("/v1/generations"),
+            client.post("/v1/generations", json={"prompt": "a", "seed": 2}),
+        ):
+            assert response.status_code == 503 and response.json()["error"]["type"] == "storage_unavailable"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["storage"]["error"].startswith("ledger: ")
+        assert ready.json()["storage"]["ledger"] == "postgresql"
+
+
 def test_storage_probes_of_servers_sharing_a_data_dir_use_their_own_file(tmp_path):
     from app.store.health import StorageHealth
 
