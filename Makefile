@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test container-test lint bench soak venv dev-venv monitoring-tools clean device-wheels
+.PHONY: serve test container-test lint bench soak venv dev-venv monitoring-tools postgresql clean device-wheels
 
 venv: $(STAMP)
 
@@ -29,7 +29,7 @@ serve: venv
 lint: dev-venv
 	$(VENV)/bin/python -m ruff check .
 
-test: lint monitoring-tools
+test: lint monitoring-tools postgresql
 	$(VENV)/bin/python -m pytest
 
 # The monitoring tests run Debian's Prometheus tools (README "Monitoring"); installed only when one is missing.
@@ -44,13 +44,23 @@ monitoring-tools:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
 	fi
 
+# The ledger tests run on SQLite and on PostgreSQL: a throwaway cluster of Debian's server (initdb, pg_ctl under
+# /usr/lib/postgresql/*/bin), installed only when missing. The package's own cluster service needs systemd: CI has none.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "Installing Debian's postgresql package for the PostgreSQL ledger tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	fi
+
 # Builds the image (local base), runs it with docker compose and tests it; installs and starts Docker if
 # missing (root). README "Container test".
 container-test: dev-venv
 	bash tests/container/container-test.sh
 
-bench: venv
+bench: venv postgresql
 	$(VENV)/bin/python -m app bench
+	$(VENV)/bin/python -m app.cli.ledgerbench
 	$(VENV)/bin/python -m app.devicecheck.coldstart --work .sameseed/coldstart
 
 # Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.

@@ -19,14 +19,23 @@ from app.api.docs import install_offline_docs
 from app.api.introspection import accepted_fields, allowed_methods, unknown_field_message
 from app.api.limits import BodyLimitMiddleware
 from app.api.openapi import install_openapi, operation_id
-from app.errors import ERROR_CLASSES, InvalidRequest, MalformedRequest, SameseedError, for_http_status
-from app.provenance.golden import BaselineStore, load_suite
+from app.errors import (
+    ERROR_CLASSES,
+    InvalidRequest,
+    MalformedRequest,
+    SameseedError,
+    StorageUnavailable,
+    for_http_status,
+)
+from app.provenance.golden import load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.services.consistency import ConsistencyMonitor
 from app.services.generation import GenerationService
 from app.services.jobs import JobService
 from app.settings import Settings
 from app.store.archive import Archive
+from app.store.baselines import baseline_store
+from app.store.ledger import LedgerError
 from app.telemetry.http import RequestTiming
 from app.telemetry.metrics import Metrics
 from app.worker.messages import WorkerConfig
@@ -69,7 +78,7 @@ def create_app(
         )
         monitor = ConsistencyMonitor(
             suite=suite,
-            store=BaselineStore(settings.data_dir / "consistency" / "baselines.json"),
+            store=baseline_store(settings, archive),
             registry=startup.registry,
             metrics=metrics_,
             interval_s=settings.consistency_interval_s,
@@ -87,7 +96,8 @@ def create_app(
             metrics=metrics_,
         )
         jobs = JobService(
-            generations=fastapi_app.state.generations, ledger=archive.ledger, present=generations.present_result
+            generations=fastapi_app.state.generations, ledger=archive.ledger, present=generations.present_result,
+            node=settings.node_name(),
         )
         fastapi_app.state.jobs = jobs
         await jobs.start()  # jobs a previous process left unfinished are reported failed before any new one
@@ -153,6 +163,11 @@ def install_error_handlers(fastapi_app: FastAPI) -> None:
         if metrics is not None:  # 429s and storage failures feed the alert rules
             metrics.errors.labels(type=exc.type).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @fastapi_app.exception_handler(LedgerError)
+    async def _ledger(request: Request, exc: LedgerError) -> JSONResponse:
+        # a read whose database connection is lost (writes already answer storage_unavailable): a 503, not a bug
+        return await _domain(request, StorageUnavailable(f"the ledger cannot be used now ({exc})"))
 
     @fastapi_app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.provenance.golden import EMBEDDED_SUITE
@@ -18,7 +19,8 @@ _WORKERS_PATTERN = re.compile(r"^(auto|cuda|cpu:[1-9][0-9]*)$")
 class Settings(BaseSettings):
     """Every setting of a Sameseed server; each reads from ``SAMESEED_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SAMESEED_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a bad SAMESEED_DATABASE_URL may hold a password; errors never echo values
+    model_config = SettingsConfigDict(env_prefix="SAMESEED_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
@@ -90,6 +92,21 @@ class Settings(BaseSettings):
         default=None, description="Prune the oldest image files while the store exceeds this size."
     )
     retention_interval_s: Annotated[float, Field(gt=0)] = 600.0
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/dbname: the ledger and golden baselines in PostgreSQL, "
+        "shared by every server given the same URL. Absent: the SQLite file ledger.sqlite3 in the data dir.",
+    )
+    database_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=5.0,
+        description="Seconds to connect to the PostgreSQL ledger, and that a request waits for a connection "
+        "before it is answered 503 storage_unavailable.",
+    )
+    node_id: str | None = Field(
+        default=None,
+        description="This server's name in a shared ledger (its jobs are recovered by it after a restart); "
+        "absent: <hostname>:<port>.",
+    )
     image_version: str | None = Field(
         default=None, description="Set by the container image: its version label. Recorded as runtime.image."
     )
@@ -105,6 +122,22 @@ class Settings(BaseSettings):
             "revision": self.image_revision or "unknown",
             "base": self.image_base or "unknown",
         }
+
+    def node_name(self) -> str:
+        """This server's name in a shared ledger: SAMESEED_NODE_ID, else `<hostname>:<port>` (kept across restarts)."""
+        return self.node_id or f"{socket.gethostname()}:{self.port}"
+
+    @field_validator("database_url", "node_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+            raise ValueError("SAMESEED_DATABASE_URL must be a postgresql:// URL (the value is not shown)")
+        return value
 
     @field_validator("workers")
     @classmethod

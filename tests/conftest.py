@@ -8,6 +8,7 @@ import pytest
 
 from app.models.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY
+from tests.support.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures for every layer
 
 
 @pytest.fixture(scope="session")

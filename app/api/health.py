@@ -29,7 +29,11 @@ async def readyz(generations: GenerationDep, request: Request) -> JSONResponse:
         ready=dispatcher.ready() and storage_error is None,
         draining=dispatcher.draining,
         queue_depth=dispatcher.waiting_jobs(),
-        storage=StorageStatus(ok=storage_error is None, error=storage_error),
+        storage=StorageStatus(
+            ok=storage_error is None,
+            error=storage_error,
+            ledger=archive.ledger.backend if archive is not None else "sqlite",
+        ),
         checking=monitor.checking() if monitor else [],
         workers=[
             WorkerStatus(**w.describe(), consistency=monitor.worker(w.id).state if monitor else None)

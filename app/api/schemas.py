@@ -177,6 +177,7 @@ class StorageStatus(BaseModel):
 
     ok: bool
     error: str | None = Field(description="Why not (disk full, read-only, ...); null when writes work.")
+    ledger: str = Field(default="sqlite", description="The ledger's backend: sqlite or postgresql.")
 
 
 class ReadyResponse(BaseModel):

@@ -7,7 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -98,6 +98,22 @@ class CaseVerdict:
 
     state: Literal["consistent", "baseline_recorded", "drifted"]
     expected: Baseline | None
+
+
+class Baselines(Protocol):
+    """Where baselines are kept: this JSON file store, or the shared ledger (app/store/baselines.py)."""
+
+    def get(self, case: str, suite_version: int, key: str) -> Baseline | None:
+        """The baseline of a case under a key, if recorded."""
+
+    def judge(self, actual: Baseline) -> CaseVerdict:
+        """Compare actual hashes with the baseline; record them as the baseline when there is none."""
+
+    def export(self) -> BaselineDocument:
+        """Every baseline, sorted."""
+
+    def import_(self, document: BaselineDocument, *, replace: bool = False) -> int:
+        """Merge (or replace all with) imported baselines; returns how many were written."""
 
 
 class BaselineStore:

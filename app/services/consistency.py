@@ -15,7 +15,7 @@ from typing import Any
 
 from app.models.registry import Registry
 from app.params import CaseResult, GenerationParams
-from app.provenance.golden import Baseline, BaselineStore, GoldenCase, GoldenSuite, summarize
+from app.provenance.golden import Baseline, Baselines, GoldenCase, GoldenSuite, summarize
 from app.scheduler.dispatcher import Dispatcher
 from app.scheduler.work import Priority, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
@@ -51,7 +51,7 @@ class ConsistencyMonitor:
     """Plans golden runs, judges them against the baseline store, and tracks each worker's state."""
 
     def __init__(
-        self, *, suite: GoldenSuite, store: BaselineStore, registry: Registry, metrics: Metrics, interval_s: float,
+        self, *, suite: GoldenSuite, store: Baselines, registry: Registry, metrics: Metrics, interval_s: float,
         quarantine_on_drift: bool, require_consistency: bool = False,
     ) -> None:
         self.suite = suite

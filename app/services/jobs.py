@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,10 +131,11 @@ class JobService:
 
     def __init__(
         self, *, generations: GenerationService, ledger: Ledger | None, present: Presenter,
-        keep_finished: int = KEEP_FINISHED,
+        keep_finished: int = KEEP_FINISHED, node: str | None = None,
     ) -> None:
         self.generations = generations
         self.ledger = ledger
+        self.node = node  # this server's name in a shared ledger: it recovers only its own jobs
         self.present = present
         self.keep_finished = keep_finished
         self._jobs: dict[str, Job] = {}
@@ -154,7 +154,8 @@ class JobService:
 
     def _recover(self) -> int:
         assert self.ledger is not None
-        rows = self.ledger.unfinished_jobs()
+        # A shared ledger: other servers' unfinished jobs are still running there, not interrupted.
+        rows = self.ledger.unfinished_jobs(node=self.node if self.ledger.shared else None)
         for row in rows:
             if self.ledger.get(row.id) is not None:  # stored before the crash, its row not updated yet
                 params = GenerationParams(**json.loads(row.params))
@@ -231,11 +232,11 @@ class JobService:
             row = JobRow(
                 id=job.id, state=JobState.QUEUED, params=json.dumps(params.as_dict()), response_format=response_format,
                 received_at=job.received_at, updated_at=job.updated_at, owner=owner,
-                reproducibility_key=reproducibility_key,
+                reproducibility_key=reproducibility_key, node=self.node,
             )
             try:
                 await self._write(self.ledger.insert_job, row)
-            except (sqlite3.Error, OSError, LedgerError) as exc:  # not recorded: not accepted
+            except (OSError, LedgerError) as exc:  # not recorded: not accepted
                 raise StorageUnavailable(f"the ledger cannot record the job ({exc})") from None
         try:
             job.work = self.generations.submit(

@@ -1,7 +1,8 @@
 """The archive: signs each manifest, embeds it in the PNGs, stores files and ledger rows, verifies, prunes.
 
-It owns the data dir's `keys/`, `images/` and `ledger.sqlite3`. Disk and SQLite work runs in
-worker threads (`asyncio.to_thread`), never on the event loop.
+It owns the data dir's `keys/`, `images/` and `ledger.sqlite3` (or the PostgreSQL ledger named by
+SAMESEED_DATABASE_URL). Disk and database work runs in worker threads (`asyncio.to_thread`), never
+on the event loop.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +26,15 @@ from app.provenance.verification import Verification, verify_manifest, verify_pn
 from app.settings import Settings
 from app.store.files import ImageStore
 from app.store.health import StorageHealth
-from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus, ImageRow, Ledger
+from app.store.ledger import (
+    GenerationQuery,
+    GenerationRow,
+    GenerationStatus,
+    ImageRow,
+    Ledger,
+    LedgerError,
+    SqliteLedger,
+)
 
 log = logging.getLogger("app.store.archive")
 
@@ -41,6 +49,15 @@ def _npy(array: numpy.ndarray | None) -> bytes:
     buffer = io.BytesIO()
     numpy.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    """The ledger the settings name: PostgreSQL when SAMESEED_DATABASE_URL is set, else the data dir's SQLite file."""
+    if settings.database_url is not None:
+        from app.store.postgres import PostgresLedger  # psycopg is loaded only by servers that use it
+
+        return PostgresLedger(settings.database_url.get_secret_value(), connect_timeout_s=settings.database_timeout_s)
+    return SqliteLedger(settings.data_dir / LEDGER_NAME)
 
 
 def iso_utc(moment: datetime) -> str:
@@ -86,8 +103,11 @@ class Archive:
         self.c2pa_trust_anchors = anchors.read_bytes() if anchors is not None else None
         self._c2pa: ContentCredentials | None = None
         self.store = ImageStore(self.data_dir / "images")
-        self.ledger = Ledger(self.data_dir / LEDGER_NAME)
-        self.health = StorageHealth([self.data_dir, self.store.root])  # the ledger's folder, then the images'
+        self.ledger = open_ledger(settings)
+        self.ledger.check()  # an unreachable database stops the start here, naming it (never a fallback)
+        # the ledger's folder, then the images', then (a database) the ledger itself
+        ping = self.ledger.ping if self.ledger.shared else None
+        self.health = StorageHealth([self.data_dir, self.store.root], ping=ping)
         self._keys: KeyRing | None = None
         self._retention: asyncio.Task[None] | None = None
 
@@ -117,6 +137,7 @@ class Archive:
                 "signing_key_id": self._keys.signer.key_id,
                 "c2pa_signer": self._c2pa.signer_name,
                 "c2pa_development": credentials.development,
+                "ledger": self.ledger.describe(),
                 "ledger_schema_before": before,
             },
         )
@@ -176,7 +197,7 @@ class Archive:
                     ),
                 )
             )
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, LedgerError) as exc:
             self.store.delete_generation(signed.id)
             log.error("cannot store generation: %s", exc, extra={"generation_id": signed.id})
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

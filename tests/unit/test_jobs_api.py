@@ -11,7 +11,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from app.store.ledger import JobRow, JobState, Ledger
+from app.store.ledger import JobRow, JobState, SqliteLedger
 from app.worker.messages import RenderImage
 from tests.support.fakes import FakePool
 
@@ -145,7 +145,7 @@ def test_cancel_removes_a_queued_job_at_once_and_stops_a_running_one_freeing_its
         assert events[-1][1] == "canceled" and events[-1][2]["steps_done"] == 3
 
     # the ledger keeps the final states with the steps done
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     row = ledger.get_job(running["id"])
     assert (row.state, row.steps_done) == (JobState.CANCELED, 3)
     assert ledger.get_job(queued["id"]).state is JobState.CANCELED
@@ -153,7 +153,7 @@ def test_cancel_removes_a_queued_job_at_once_and_stops_a_running_one_freeing_its
 
 
 def test_a_job_left_unfinished_by_a_killed_server_is_reported_failed_after_restart(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     ledger.migrate()
     params = (
         '{"model": "sameseed-tiny", "prompt": "a", "negative_prompt": "", "seed": 1, "steps": 20, '

@@ -106,7 +106,7 @@ def test_readyz_turns_503_naming_storage_while_writes_fail_and_recovers_by_itsel
     application = answering_app(Settings(data_dir=tmp_path, workers="cpu:1"))
     with TestClient(application, raise_server_exceptions=False) as client:
         ready = wait_ready(client, 200)
-        assert ready.status_code == 200 and ready.json()["storage"] == {"ok": True, "error": None}
+        assert ready.status_code == 200 and ready.json()["storage"] == {"ok": True, "error": None, "ledger": "sqlite"}
         images = tmp_path / "images"
         shutil.move(images, tmp_path / "images.away")
         images.write_bytes(b"")  # the image store cannot be written: every write below it fails
