@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
-from tests.e2e.conftest import ROOT
+import pytest
+
+from tests.e2e.conftest import ROOT, Server
 
 
 def checked(srv, deadline_s=60.0):
@@ -21,14 +23,25 @@ def checked(srv, deadline_s=60.0):
     raise AssertionError(f"start-up golden check did not finish: {report}")
 
 
-def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(make_server, tmp_path):
-    first = make_server("a").start()
-    report = checked(first)
-    assert report["status"] == "baseline_recorded"
-    (worker,) = report["workers"]
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """A server that recorded its baselines, stopped, and a second start on the same data dir (running)."""
+    data = tmp_path_factory.mktemp("consistency")
+    first = Server(data).start()
+    try:
+        first_report = checked(first)
+    finally:
+        first.stop()
+    second = Server(data).start()
+    yield first_report, second
+    second.stop()
+
+
+def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(restarted):
+    first_report, second = restarted
+    assert first_report["status"] == "baseline_recorded"
+    (worker,) = first_report["workers"]
     assert len(worker["cases"]) == 5 and all(c["state"] == "baseline_recorded" for c in worker["cases"])
-    first.stop()
-    second = make_server("a").start()  # same data dir
     report = checked(second)
     assert report["status"] == "consistent"
     case = report["workers"][0]["cases"][0]
@@ -36,8 +49,8 @@ def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(make
     assert 'sameseed_consistency_state{state="consistent",worker="w0"} 1.0' in second.client.get("/metrics").text
 
 
-def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(make_server, tmp_path):
-    srv = make_server("b").start()
+def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(restarted, tmp_path):
+    srv = restarted[1]  # runs after the test above has read its consistent state
     checked(srv)
     exported = tmp_path / "baselines.json"
     cli = [sys.executable, "-m", "app"]

@@ -57,14 +57,14 @@ def test_a_generation_from_another_thread_count_is_replayed_with_differences_and
         assert (pixel["max_abs"] == 0) == image["pixel_match"]
 
 
-def test_the_ledger_keeps_final_latents_that_hash_to_latent_sha256(make_server, tmp_path):
+def test_the_ledger_keeps_final_latents_that_hash_to_latent_sha256(server):
     import hashlib
+    from pathlib import Path
 
     import numpy
 
-    srv = make_server("latents").start()
-    made = srv.generate(seed=408)
-    (path,) = (tmp_path / "latents").rglob("0.latents.npy")
+    made = server.generate(seed=408)
+    (path,) = Path(server.env["SAMESEED_DATA_DIR"]).rglob(f"{made['id']}/0.latents.npy")
     array = numpy.load(path)
     assert array.dtype == numpy.float32 and array.shape == (4, 32, 32)
     assert hashlib.sha256(array.tobytes()).hexdigest() == made["images"][0]["latent_sha256"]
