@@ -112,13 +112,13 @@ class BatchProof:
         return dataclasses.asdict(self)
 
 
-def proof_images(model: LoadedModel, count: int) -> list[GenerationParams]:
-    """The images a proof renders: the model's defaults, different prompts, seeds 0 … count-1."""
+def proof_images(model: LoadedModel, count: int, steps: int | None = None) -> list[GenerationParams]:
+    """The images a proof renders: the model's defaults (`steps` if given), different prompts, seeds 0 … count-1."""
     d = model.entry.defaults
     return [
         GenerationParams(
             model=model.entry.id, prompt=PROOF_PROMPTS[k % len(PROOF_PROMPTS)], negative_prompt="", seed=k,
-            steps=d.steps, guidance_scale=d.guidance_scale, width=d.width, height=d.height, sampler=d.sampler,
+            steps=steps or d.steps, guidance_scale=d.guidance_scale, width=d.width, height=d.height, sampler=d.sampler,
             num_images=1,
         )
         for k in range(count)
@@ -129,17 +129,20 @@ def prove_batch_sizes(
     model: LoadedModel,
     sizes: Sequence[int],
     *,
+    steps: int | None = None,
     render_one: Callable[[LoadedModel, GenerationParams], RenderedImage] | None = None,
     render_many: Callable[[LoadedModel, Sequence[GenerationParams]], list[RenderedImage]] | None = None,
 ) -> list[BatchProof]:
     """Render each batch size co-batched and singly at the model's default shape; proven only where every
-    latent and pixel hash is equal. `render_one`/`render_many` default to the real single and batched paths."""
+    latent and pixel hash is equal. `steps` (default: the model's) is how long each proof image denoises: the
+    operations a step runs depend on the shape and batch size, not on the step count.
+    `render_one`/`render_many` default to the real single and batched paths (tests pass fakes)."""
     single = render_one or (lambda m, p: render_image(m, p))
     batch = render_many or (lambda m, ps: render_batch(m, ps))
     wanted = sorted({s for s in sizes if s >= 2})
     if not wanted:
         return []
-    images = proof_images(model, max(wanted))
+    images = proof_images(model, max(wanted), steps)
     alone = [single(model, p) for p in images]
     proofs = []
     for size in wanted:
