@@ -77,3 +77,4 @@ class CaseResult:
     expected_pixel_sha256: str | None
     actual_pixel_sha256: str | None
     error: str | None = None
+    cobatched_with: int | None = None  # a co-batched case: how many other images shared its pipeline call

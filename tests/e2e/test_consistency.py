@@ -26,7 +26,12 @@ def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(make
     report = checked(first)
     assert report["status"] == "baseline_recorded"
     (worker,) = report["workers"]
-    assert len(worker["cases"]) == 5 and all(c["state"] == "baseline_recorded" for c in worker["cases"])
+    singles = [c for c in worker["cases"] if c["cobatched_with"] is None]
+    assert len(singles) == 5 and all(c["state"] == "baseline_recorded" for c in singles)
+    # the co-batched case ran in one call with a companion and gave its single-run twin's recorded hashes
+    (cobatched,) = [c for c in worker["cases"] if c["cobatched_with"] is not None]
+    assert (cobatched["case"], cobatched["cobatched_with"]) == ("pndm-default-cobatched", 1)
+    assert cobatched["state"] == "consistent"
     first.stop()
     second = make_server("a").start()  # same data dir
     report = checked(second)
