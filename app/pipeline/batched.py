@@ -95,13 +95,19 @@ def render_batch(
     return results
 
 
+def guided(params: GenerationParams) -> bool:
+    """Whether classifier-free guidance runs (two UNet rows per image): a proof covers one mode or the other."""
+    return params.guidance_scale > 1.0
+
+
 @dataclass(frozen=True)
 class BatchProof:
-    """The verdict of one batch size on one (model, shape): co-batch only when `proven`."""
+    """The verdict of one batch size on one (model, shape, guidance mode): co-batch only when `proven`."""
 
     model: str
     width: int
     height: int
+    guided: bool  # with classifier-free guidance (guidance_scale > 1) or without: different UNet batch shapes
     size: int
     proven: bool
     reason: str  # why not, naming the first image that differed; "" when proven
@@ -112,14 +118,17 @@ class BatchProof:
         return dataclasses.asdict(self)
 
 
-def proof_images(model: LoadedModel, count: int, steps: int | None = None) -> list[GenerationParams]:
-    """The images a proof renders: the model's defaults (`steps` if given), different prompts, seeds 0 … count-1."""
+def proof_images(
+    model: LoadedModel, count: int, steps: int | None = None, guidance_scale: float | None = None
+) -> list[GenerationParams]:
+    """The images a proof renders: the model's defaults (`steps`, `guidance_scale` if given), different prompts,
+    seeds 0 … count-1."""
     d = model.entry.defaults
     return [
         GenerationParams(
             model=model.entry.id, prompt=PROOF_PROMPTS[k % len(PROOF_PROMPTS)], negative_prompt="", seed=k,
-            steps=steps or d.steps, guidance_scale=d.guidance_scale, width=d.width, height=d.height, sampler=d.sampler,
-            num_images=1,
+            steps=steps or d.steps, guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+            width=d.width, height=d.height, sampler=d.sampler, num_images=1,
         )
         for k in range(count)
     ]
@@ -130,43 +139,55 @@ def prove_batch_sizes(
     sizes: Sequence[int],
     *,
     steps: int | None = None,
+    guidance_scales: Sequence[float | None] = (None,),
     render_one: Callable[[LoadedModel, GenerationParams], RenderedImage] | None = None,
     render_many: Callable[[LoadedModel, Sequence[GenerationParams]], list[RenderedImage]] | None = None,
 ) -> list[BatchProof]:
-    """Render each batch size co-batched and singly at the model's default shape; proven only where every
-    latent and pixel hash is equal. `steps` (default: the model's) is how long each proof image denoises: the
-    operations a step runs depend on the shape and batch size, not on the step count.
-    `render_one`/`render_many` default to the real single and batched paths (tests pass fakes)."""
+    """Render each batch size co-batched and singly at the model's default shape, once per guidance scale
+    (None: the model's default); proven only where every latent and pixel hash is equal.
+
+    `steps` (default: the model's) is how long each proof image denoises: the operations a step runs
+    depend on the shape, batch size and guidance mode, not on the step count. `render_one`/`render_many`
+    default to the real single and batched paths (tests pass fakes).
+    """
     single = render_one or (lambda m, p: render_image(m, p))
     batch = render_many or (lambda m, ps: render_batch(m, ps))
     wanted = sorted({s for s in sizes if s >= 2})
     if not wanted:
         return []
-    images = proof_images(model, max(wanted), steps)
-    alone = [single(model, p) for p in images]
     proofs = []
-    for size in wanted:
-        began = time.perf_counter()
-        try:
-            together = batch(model, images[:size])
-            reason = next(
-                (
-                    f"image {k} (seed {p.seed}) of a batch of {size}: "
-                    + ("latents" if a.latent_sha256 != b.latent_sha256 else "pixels")
-                    + f" differ from its single run ({b.latent_sha256[:12]}/{b.pixel_sha256[:12]} vs "
-                    f"{a.latent_sha256[:12]}/{a.pixel_sha256[:12]})"
-                    for k, (p, a, b) in enumerate(zip(images, alone, together, strict=True))
-                    if (a.latent_sha256, a.pixel_sha256) != (b.latent_sha256, b.pixel_sha256)
-                ),
-                "",
+    for scale in guidance_scales:
+        images = proof_images(model, max(wanted), steps, scale)
+        alone = [single(model, p) for p in images]
+        for size in wanted:
+            began = time.perf_counter()
+            try:
+                reason = _first_difference(images, alone, batch(model, images[:size]), size)
+            except Exception as exc:  # a batch that cannot run is not proven; the worker still serves singles
+                reason = f"a batch of {size} raised {type(exc).__name__}: {exc}"
+            first = images[0]
+            proofs.append(
+                BatchProof(
+                    model=model.entry.id, width=first.width, height=first.height, guided=guided(first), size=size,
+                    proven=not reason, reason=reason, seconds=round(time.perf_counter() - began, 3),
+                )
             )
-        except Exception as exc:  # a batch that cannot run is not proven; the worker still serves singles
-            reason = f"a batch of {size} raised {type(exc).__name__}: {exc}"
-        first = images[0]
-        proofs.append(
-            BatchProof(
-                model=model.entry.id, width=first.width, height=first.height, size=size, proven=not reason,
-                reason=reason, seconds=round(time.perf_counter() - began, 3),
-            )
-        )
     return proofs
+
+
+def _first_difference(
+    images: Sequence[GenerationParams], alone: Sequence[RenderedImage], together: Sequence[RenderedImage], size: int
+) -> str:
+    """Why a co-batched call is not its single runs (the first image whose hashes differ); "" when all are equal."""
+    for k, (p, a, b) in enumerate(zip(images, alone, together, strict=False)):
+        if (a.latent_sha256, a.pixel_sha256) != (b.latent_sha256, b.pixel_sha256):
+            what = "latents" if a.latent_sha256 != b.latent_sha256 else "pixels"
+            mode = f"guidance {p.guidance_scale:g}"
+            return (
+                f"image {k} (seed {p.seed}) of a batch of {size} at {p.width}x{p.height}, {mode}: {what} differ from "
+                f"its single run ({b.latent_sha256[:12]}/{b.pixel_sha256[:12]} vs {a.latent_sha256[:12]}/"
+                f"{a.pixel_sha256[:12]})"
+            )
+    if len(together) != size:
+        return f"a batch of {size} returned {len(together)} images"
+    return ""

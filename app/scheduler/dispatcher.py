@@ -279,7 +279,9 @@ class Dispatcher:
         """
         work, index = head[2], head[3]
         params = work.images[index]
-        sizes = [s for s in worker.batch_sizes(params.model, params.width, params.height) if s <= self.max_batch]
+        guided = params.guidance_scale > 1.0  # proofs hold per guidance mode (one or two UNet rows per image)
+        proven = worker.batch_sizes(params.model, params.width, params.height, guided)
+        sizes = [s for s in proven if s <= self.max_batch]
         if not sizes or not work.cobatchable(index):
             return [head]
         key = params.cobatch_key()

@@ -69,7 +69,7 @@ class Metrics:
             "sameseed_cobatch_proven",
             "1 where a worker proved a co-batched call bitwise equal to single runs for (model, shape, batch size) "
             "and co-batches it; 0 where it runs singles, `reason` saying why",
-            ["worker", "model", "shape", "batch_size", "reason"], registry=r,
+            ["worker", "model", "shape", "guided", "batch_size", "reason"], registry=r,
         )
         self.errors = Counter(
             "sameseed_errors", "Service errors answered (SameseedError), by the error body's type", ["type"], registry=r
@@ -151,7 +151,8 @@ class Metrics:
             for v in verdicts:
                 shape = f"{v.get('width')}x{v.get('height')}" if v.get("width") else "default"
                 self.cobatch_proven.labels(
-                    worker=worker, model=v.get("model", ""), shape=shape, batch_size=str(v.get("size")),
+                    worker=worker, model=v.get("model", ""), shape=shape, guided=str(bool(v.get("guided"))).lower(),
+                    batch_size=str(v.get("size")),
                     reason=v.get("reason") or "",
                 ).set(1 if v.get("proven") else 0)
 

@@ -83,7 +83,8 @@ class DiffusersEngine:
         self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
         self.models: dict[str, Any] = {}
         self.model_keys: dict[str, dict[str, Any]] = {}
-        self.proven: set[tuple[str, int, int, int]] = set()  # (model, width, height, batch size) proven bitwise
+        # (model, width, height, guided, batch size) whose co-batched images were proven bitwise their single runs
+        self.proven: set[tuple[str, int, int, bool, int]] = set()
 
     def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
         """The loaded model, loading it now if needed; the second item describes a fresh load."""
@@ -123,24 +124,24 @@ class DiffusersEngine:
         return self._describe(job, loaded, fresh, result)
 
     def prove_batches(self, model_id: str, sizes: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
-        """Prove each batch size at the model's default shape (co-batched vs single, every latent and pixel);
-        co-batch only what is proven. Returns one verdict per size."""
+        """Prove each batch size at the model's default shape, with its default guidance and without guidance
+        (co-batched vs single, every latent and pixel); co-batch only what is proven. One verdict per case."""
         from app.pipeline.batched import prove_batch_sizes
 
         loaded, _ = self.model(model_id)
-        proofs = prove_batch_sizes(loaded, sizes, steps=steps)
+        proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
         for proof in proofs:
             if proof.proven:
-                self.proven.add((proof.model, proof.width, proof.height, proof.size))
+                self.proven.add((proof.model, proof.width, proof.height, proof.guided, proof.size))
         return [proof.describe() for proof in proofs]
 
     def render_batch(self, batch: RenderBatch, on_step: StepListener | None = None) -> list[ImageRendered]:
         """Render compatible images in one pipeline call when this (model, shape, size) is proven, else one by one;
         each is described as if alone, plus how many others shared its call."""
-        from app.pipeline.batched import render_batch
+        from app.pipeline.batched import guided, render_batch
 
         first = batch.images[0].params
-        if (first.model, first.width, first.height, len(batch.images)) not in self.proven:
+        if (first.model, first.width, first.height, guided(first), len(batch.images)) not in self.proven:
             # never co-batch unproven work: the image's bits are only promised for what was proven
             return [self.render(job, on_step) for job in batch.images]
         loaded, fresh = self.model(first.model)

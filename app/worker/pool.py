@@ -103,11 +103,12 @@ class WorkerHandle:
     cobatch: tuple[dict[str, Any], ...] = ()  # the worker's co-batching proof per (model, width, height, size)
     awaiting: set[tuple[str, int]] = field(default_factory=set)  # (job, index) of a co-batched call not answered yet
 
-    def batch_sizes(self, model: str, width: int, height: int) -> tuple[int, ...]:
-        """The batch sizes this worker proved bitwise for a (model, shape), ascending; () when none."""
+    def batch_sizes(self, model: str, width: int, height: int, guided: bool) -> tuple[int, ...]:
+        """The batch sizes this worker proved bitwise for a (model, shape, guidance mode), ascending; () when none."""
+        wanted = (model, width, height, guided)
         return tuple(sorted(
             v["size"] for v in self.cobatch
-            if v.get("proven") and (v.get("model"), v.get("width"), v.get("height")) == (model, width, height)
+            if v.get("proven") and (v.get("model"), v.get("width"), v.get("height"), v.get("guided")) == wanted
         ))
 
     @property

@@ -105,7 +105,7 @@ def _prove_batches(engine: Engine, config: WorkerConfig) -> list[dict[str, Any]]
     prove = getattr(engine, "prove_batches", None)
     if prove is None:  # an engine that cannot co-batch says so, in /readyz and the metrics
         return [
-            {"model": model_id, "width": None, "height": None, "size": size, "proven": False,
+            {"model": model_id, "width": None, "height": None, "guided": None, "size": size, "proven": False,
              "reason": f"engine {type(engine).__name__} has no co-batched path", "seconds": 0.0}
             for model_id in config.preload for size in config.batch_sizes if size >= 2
         ]
@@ -114,8 +114,8 @@ def _prove_batches(engine: Engine, config: WorkerConfig) -> list[dict[str, Any]]
         verdicts.extend(prove(model_id, config.batch_sizes, config.batch_proof_steps))
     for verdict in verdicts:
         if verdict["proven"]:
-            log.info("co-batching proven: %s %sx%s batch %d (%.2fs)", verdict["model"], verdict["width"],
-                     verdict["height"], verdict["size"], verdict["seconds"])
+            log.info("co-batching proven: %s %sx%s guided=%s batch %d (%.2fs)", verdict["model"], verdict["width"],
+                     verdict["height"], verdict["guided"], verdict["size"], verdict["seconds"])
         else:
             log.warning("co-batching off: %s batch %d: %s", verdict["model"], verdict["size"], verdict["reason"])
     return verdicts
