@@ -291,7 +291,8 @@ class Dispatcher:
             and self._may_run(worker, t[2]) and t[2].images[t[3]].cobatch_key() == key
         ][: sizes[-1] - 1]
         waited = time.monotonic() - work.admitted
-        if len(mates) + 1 < sizes[-1] and work.priority is Priority.USER and waited < self.batch_wait_s:
+        patient = work.priority is Priority.USER and not work.attempts.get(index)  # a re-run waited once already
+        if len(mates) + 1 < sizes[-1] and patient and waited < self.batch_wait_s:
             self._wake_in(self.batch_wait_s - waited)
             return []
         size = max((s for s in sizes if s <= len(mates) + 1), default=1)
@@ -319,7 +320,7 @@ class Dispatcher:
                 starting.setdefault(t[2].id, t[3])
         messages = tuple(self._message(worker, t[2], t[3]) for t in tasks)
         if not self.pool.assign_batch(worker.id, RenderBatch(messages)):
-            for t in reversed(tasks):  # the exit event follows and restarts the worker
+            for t in tasks:  # the exit event follows and restarts the worker (re-queued first, in order)
                 self._enqueue(t[2], t[3], first=True)
             return
         for t in tasks:
@@ -445,7 +446,7 @@ class Dispatcher:
             self.fail(work, WorkerLost(f"worker {worker.id} exited during {work.id}"))
         if finished is None:
             return
-        for message in reversed(finished.images):  # every image of a co-batched call the worker had not answered
+        for message in finished.images:  # every image of a co-batched call the worker had not answered (in order)
             work = self._works.get(message.job_id)
             if work is None or work.finished or message.index in work.results or message.index in work.errors:
                 continue
