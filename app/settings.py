@@ -61,10 +61,12 @@ class Settings(BaseSettings):
         "at start and co-batches only the (model, shape, size) whose images equal their single runs bitwise.",
     )
     batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = Field(
-        default=25.0, description="The longest a user image waits in the queue for compatible company before it runs."
+        default=25.0,
+        description="The longest a user image waits for compatible company while other work runs (an idle server "
+        "starts a lone image at once).",
     )
     batch_proof_steps: Annotated[int, Field(ge=1, le=150)] = Field(
-        default=4, description="Denoising steps of each image of the start-up co-batching proof."
+        default=2, description="Denoising steps of each image of the start-up co-batching proof."
     )
     allow_download: bool = False
     log_level: str = "info"

@@ -291,7 +291,10 @@ class Dispatcher:
             and self._may_run(worker, t[2]) and t[2].images[t[3]].cobatch_key() == key
         ][: sizes[-1] - 1]
         waited = time.monotonic() - work.admitted
-        patient = work.priority is Priority.USER and not work.attempts.get(index)  # a re-run waited once already
+        # company is worth waiting for only while other work runs (a burst): on an idle server a lone image
+        # starts at once; a re-run already waited once
+        busy = any(w.state is WorkerState.BUSY for w in self.workers())
+        patient = work.priority is Priority.USER and busy and not work.attempts.get(index)
         if len(mates) + 1 < sizes[-1] and patient and waited < self.batch_wait_s:
             self._wake_in(self.batch_wait_s - waited)
             return []

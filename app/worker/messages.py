@@ -29,7 +29,7 @@ class WorkerConfig:
     image: dict[str, str] | None = None  # the container image (version, revision, base): runtime.image, not keyed
     # co-batching: the batch sizes to prove at start (empty: off), and the denoising steps each proof image takes
     batch_sizes: tuple[int, ...] = ()
-    batch_proof_steps: int = 4
+    batch_proof_steps: int = 2
 
 
 # ---------------------------------------------------------------- requests (parent -> child)

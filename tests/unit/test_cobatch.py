@@ -149,26 +149,28 @@ def test_only_batch_sizes_the_worker_proved_are_used_and_unproven_shapes_run_sin
     asyncio.run(scenario())
 
 
-def test_a_lone_request_waits_for_company_no_longer_than_the_configured_time(registry):
+def test_a_lone_request_never_waits_on_an_idle_server_and_at_most_the_configured_time_in_a_burst(registry):
     async def scenario():
-        patient = Harness(registry, max_batch=2, batch_wait_s=60.0)
-        await patient.ready(cobatch=proofs(proven=(2,)))
-        patient.generate(seed=1)
+        h = Harness(registry, workers=2, max_batch=2, batch_wait_s=60.0)
+        await h.ready("w0", cobatch=proofs(proven=(2,)))
+        await h.ready("w1", cobatch=proofs(proven=(2,)))
+        h.generate(seed=1)
+        await until(lambda: len(h.sent(RenderImage)) == 1)  # an idle server: it starts at once, alone
+        h.generate(seed=2)  # a burst (w0 is busy): w1 holds it for company, up to the wait
         await asyncio.sleep(0.01)
-        assert patient.sent() == []  # within its wait: held for company
-        patient.generate(seed=2)
-        await until(lambda: len(patient.sent()) == 1)
-        assert [m.params.seed for m in patient.sent(RenderBatch)[0].images] == [1, 2]
+        assert len(h.sent()) == 1
+        h.generate(seed=3)
+        await until(lambda: len(h.sent()) == 2)
+        assert [m.params.seed for m in h.sent(RenderBatch)[0].images] == [2, 3]
 
-        brief = Harness(registry, auto=True, max_batch=2, batch_wait_s=0.02)
-        await brief.ready(cobatch=proofs(proven=(2,)))
-        outcome = await asyncio.wait_for(brief.generate(seed=1), timeout=5)
-        assert outcome.manifest.images[0].cobatched_with == 0 and len(brief.sent(RenderImage)) == 1
-
-        eager = Harness(registry, batch_wait_s=0.0)
-        await eager.ready(cobatch=proofs())
-        eager.generate(seed=1)
-        await until(lambda: len(eager.sent(RenderImage)) == 1)
+        brief = Harness(registry, workers=2, max_batch=2, batch_wait_s=0.02)
+        await brief.ready("w0", cobatch=proofs(proven=(2,)))
+        await brief.ready("w1", cobatch=proofs(proven=(2,)))
+        brief.generate(seed=1)
+        await until(lambda: len(brief.sent()) == 1)
+        brief.generate(seed=2)  # in a burst, with no company coming: alone once its wait is over
+        await until(lambda: len(brief.sent(RenderImage)) == 2, timeout=5)
+        assert not brief.sent(RenderBatch)
 
     asyncio.run(scenario())
 
@@ -177,8 +179,13 @@ def test_canceling_one_job_of_a_batch_reruns_the_images_of_the_others(registry):
     async def scenario():
         h = Harness(registry, max_batch=2, batch_wait_s=60.0)
         await h.ready(cobatch=proofs(proven=(2,)))
+        blocker = h.generate(seed=9)
+        await until(lambda: len(h.sent()) == 1)
         leaving = h.generate(seed=1)
         staying = h.generate(seed=2)
+        await until(lambda: h.dispatcher.waiting_jobs() == 2)
+        h.pool.answer("w0", h.sent()[0])
+        await blocker
         await until(lambda: len(h.sent(RenderBatch)) == 1)
         (job_a, _), (job_b, _) = [(m.job_id, m.index) for m in h.sent(RenderBatch)[0].images]
         work_a = h.dispatcher._works[job_a]
@@ -186,8 +193,8 @@ def test_canceling_one_job_of_a_batch_reruns_the_images_of_the_others(registry):
         assert h.pool.cancels == ["w0"]  # the whole call stops at its next step
         for image in h.sent(RenderBatch)[0].images:
             h.pool.stop_canceled("w0", image, 3)
-        await until(lambda: len(h.sent()) == 2)
-        rerun = h.sent()[-1]  # only the image still wanted, alone (its wait for company is over)
+        await until(lambda: len(h.sent()) == 3)
+        rerun = h.sent()[-1]  # only the image still wanted, alone (a re-run does not wait for company again)
         assert isinstance(rerun, RenderImage) and rerun.job_id == job_b
         h.pool.answer("w0", rerun)
         assert (await staying).images[0].image.seed == 2
