@@ -366,7 +366,8 @@ class Dispatcher:
         if finished is not None:
             elapsed = time.monotonic() - finished.started
             self.metrics.worker_busy.labels(worker=worker.id).inc(elapsed)
-            self._image_seconds = 0.8 * self._image_seconds + 0.2 * elapsed
+            per_image = elapsed / len(finished.images)  # a co-batched call made several
+            self._image_seconds = 0.8 * self._image_seconds + 0.2 * per_image
         if isinstance(event, ImageStep):
             self._on_step(event)
             return  # nothing changed hands: no routing to redo
