@@ -142,7 +142,8 @@ class DiffusersEngine:
 
         first = batch.images[0].params
         if (first.model, first.width, first.height, guided(first), len(batch.images)) not in self.proven:
-            # never co-batch unproven work: the image's bits are only promised for what was proven
+            # never co-batch unproven work (the dispatcher sends none): bits are only promised for what was proven;
+            # the batch's listener then reports each image's steps for the whole call, and still stops it on cancel
             return [self.render(job, on_step) for job in batch.images]
         loaded, fresh = self.model(first.model)
         results = render_batch(loaded, [job.params for job in batch.images], on_step)

@@ -147,6 +147,8 @@ class CobatchingEngine(FakeEngine):
             return [self.render(job, on_step) for job in batch.images]
         for job in batch.images:
             self.model(job.params.model)
+        if on_step is not None:  # one step for the whole call (the listener may raise to stop every image)
+            on_step(1, 1)
         return [
             rendered(job, self.config.worker_id, salt=self.batch_salt(n, k), cobatched_with=n - 1)
             for k, job in enumerate(batch.images)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from multiprocessing import Pipe
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +20,17 @@ from app.scheduler.work import Priority, Work
 from app.services.consistency import ConsistencyMonitor
 from app.services.generation import GenerationService
 from app.telemetry.metrics import Metrics
-from app.worker.messages import RenderBatch, RenderImage, WorkerConfig
+from app.worker.messages import (
+    ImageCanceled,
+    ImageRendered,
+    ImageStep,
+    RenderBatch,
+    RenderImage,
+    Shutdown,
+    WorkerConfig,
+)
+from app.worker.process import serve
+from tests.support.engines import CobatchingEngine
 from tests.support.fakes import FAKE_KEY, FakePool
 
 MODELS = {"sameseed-tiny": {"reproducibility_key": FAKE_KEY}}
@@ -354,3 +367,53 @@ def test_a_batch_that_raises_is_not_proven():
         fake_model(), (2,), render_one=lambda model, p: fake_render(p), render_many=raises
     )
     assert not verdict.proven and "raised RuntimeError: no kernel for this shape" in verdict.reason
+
+
+# ----------------------------------------------------------------- the worker loop, in a thread over a real pipe
+
+
+class AlwaysCanceled:
+    """A cancel flag the parent keeps setting (the loop clears it before each call; here it stays set)."""
+
+    def is_set(self) -> bool:
+        return True
+
+    def clear(self) -> None:
+        pass
+
+
+def run_loop(batch, cancel=None):
+    """Serve one co-batched call on a CobatchingEngine that proved sizes 2 and 3; every reply until the last image's."""
+    engine = CobatchingEngine(WorkerConfig("w0", "cpu", 1, True, Path("r.yaml"), Path("d"), ("sameseed-tiny",), False))
+    engine.prove_batches("sameseed-tiny", (2, 3), 2)
+    parent, child = Pipe(duplex=True)
+    thread = threading.Thread(target=serve, args=(engine, child, "w0", cancel), daemon=True)
+    thread.start()
+    parent.send(batch)
+    replies = []
+    while sum(not isinstance(r, ImageStep) for r in replies) < len(batch.images):
+        assert parent.poll(5), f"no reply from the worker loop after {replies}"
+        replies.append(parent.recv())
+    parent.send(Shutdown())
+    thread.join(timeout=5)
+    return replies
+
+
+def test_the_worker_loop_answers_each_image_of_a_call_and_reports_its_steps_per_image():
+    params = GenerationParams("sameseed-tiny", "a cat", "", 7, 20, 7.5, 64, 64, "pndm", 1)
+    batch = RenderBatch((RenderImage("gen_a", 0, params), RenderImage("gen_a", 1, params.image(1)),
+                         RenderImage("gen_b", 0, params.image(5))))
+    replies = run_loop(batch)
+    steps = [(r.job_id, r.index) for r in replies if isinstance(r, ImageStep)]
+    assert steps == [("gen_a", 0), ("gen_a", 1), ("gen_b", 0)]
+    images = [r for r in replies if isinstance(r, ImageRendered)]
+    assert [(r.job_id, r.image.index, r.image.seed, r.image.cobatched_with) for r in images] == [
+        ("gen_a", 0, 7, 2), ("gen_a", 1, 8, 2), ("gen_b", 0, 12, 2)
+    ]
+
+
+def test_a_canceled_call_answers_every_image_canceled():
+    params = GenerationParams("sameseed-tiny", "a cat", "", 7, 20, 7.5, 64, 64, "pndm", 1)
+    batch = RenderBatch((RenderImage("gen_a", 0, params), RenderImage("gen_b", 0, params.image(1))))
+    replies = run_loop(batch, AlwaysCanceled())
+    assert [(type(r), r.job_id, r.index) for r in replies] == [(ImageCanceled, "gen_a", 0), (ImageCanceled, "gen_b", 0)]
