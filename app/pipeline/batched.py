@@ -144,7 +144,8 @@ def prove_batch_sizes(
     render_many: Callable[[LoadedModel, Sequence[GenerationParams]], list[RenderedImage]] | None = None,
 ) -> list[BatchProof]:
     """Render each batch size co-batched and singly at the model's default shape, once per guidance scale
-    (None: the model's default); proven only where every latent and pixel hash is equal.
+    (None: the model's default); proven only where every latent and pixel hash is equal. Once a size
+    differs, the larger sizes of that guidance mode are not tried (unproven: they run singly).
 
     `steps` (default: the model's) is how long each proof image denoises: the operations a step runs
     depend on the shape, batch size and guidance mode, not on the step count. `render_one`/`render_many`
@@ -158,13 +159,19 @@ def prove_batch_sizes(
     proofs = []
     for scale in guidance_scales:
         images = proof_images(model, max(wanted), steps, scale)
-        alone = [single(model, p) for p in images]
+        alone: list[RenderedImage] = []  # single runs, rendered as far as a batch needs them
+        refused = ""
         for size in wanted:
             began = time.perf_counter()
-            try:
-                reason = _first_difference(images, alone, batch(model, images[:size]), size)
-            except Exception as exc:  # a batch that cannot run is not proven; the worker still serves singles
-                reason = f"a batch of {size} raised {type(exc).__name__}: {exc}"
+            if refused:  # not tried: a smaller batch in this mode already differed (unproven sizes run singly)
+                reason = f"not tried: {refused}"
+            else:
+                try:
+                    alone.extend(single(model, p) for p in images[len(alone) : size])
+                    reason = _first_difference(images, alone, batch(model, images[:size]), size)
+                except Exception as exc:  # a batch that cannot run is not proven; the worker still serves singles
+                    reason = f"a batch of {size} raised {type(exc).__name__}: {exc}"
+                refused = reason
             first = images[0]
             proofs.append(
                 BatchProof(

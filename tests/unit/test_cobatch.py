@@ -353,10 +353,12 @@ def test_the_proof_refuses_a_batch_size_whose_images_differ_naming_the_first_ima
     )
     found = {(v.guided, v.size): v for v in verdicts}
     assert sorted(found) == [(False, 2), (False, 3), (False, 4), (True, 2), (True, 3), (True, 4)]
-    assert found[(True, 2)].proven and found[(True, 4)].proven and found[(False, 2)].proven
+    assert found[(True, 2)].proven and found[(False, 2)].proven
     refused = found[(True, 3)]
     assert not refused.proven and refused.reason.startswith("image 1 (seed 1) of a batch of 3 at 64x64, guidance 7.5")
     assert "latents differ" in refused.reason and "guidance 0" in found[(False, 3)].reason
+    # a larger size of a mode where a smaller one differed is not tried: unproven, so it runs singly
+    assert not found[(True, 4)].proven and found[(True, 4)].reason == f"not tried: {refused.reason}"
 
 
 def test_a_batch_that_raises_is_not_proven():
