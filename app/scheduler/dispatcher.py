@@ -275,7 +275,8 @@ class Dispatcher:
 
         Only images that share a pipeline call (`GenerationParams.cobatch_key`), the priority and the
         workers they may run on go together, and only in a batch size this worker proved bitwise for
-        their (model, shape); anything else runs alone.
+        their (model, shape, guidance mode); anything else runs alone. Idle workers split the queued
+        images between them.
         """
         work, index = head[2], head[3]
         params = work.images[index]
@@ -298,7 +299,11 @@ class Dispatcher:
         if len(mates) + 1 < sizes[-1] and patient and waited < self.batch_wait_s:
             self._wake_in(self.batch_wait_s - waited)
             return []
-        size = max((s for s in sizes if s <= len(mates) + 1), default=1)
+        # idle workers that may take this work share the queued images: 4 images and 2 idle workers make
+        # two calls of 2 (both workers busy) rather than one call of 4 and an idle worker
+        peers = max(1, sum(1 for w in self.pool.idle() if self._may_run(w, work)))
+        share = -(-(len(mates) + 1) // peers)
+        size = max((s for s in sizes if s <= share), default=1)
         return [head, *mates[: size - 1]]
 
     def _wake_in(self, delay_s: float) -> None:

@@ -109,6 +109,19 @@ def test_the_images_of_one_request_run_as_one_cobatched_call_and_come_back_per_i
     asyncio.run(scenario())
 
 
+def test_idle_workers_split_a_request_into_cobatched_calls_rather_than_one_worker_taking_all(registry):
+    async def scenario():
+        h = Harness(registry, workers=2, auto=True)
+        await h.ready("w0", cobatch=proofs())
+        await h.ready("w1", cobatch=proofs())
+        outcome = await h.generate(seed=10, num_images=4)
+        calls = [(w, [m.index for m in b.images]) for w, b in h.pool.sent]
+        assert calls == [("w0", [0, 1]), ("w1", [2, 3])]
+        assert [i.cobatched_with for i in outcome.manifest.images] == [1, 1, 1, 1]
+
+    asyncio.run(scenario())
+
+
 def test_incompatible_requests_are_never_batched_together(registry):
     async def scenario():
         h = Harness(registry)
