@@ -75,6 +75,8 @@ def create_app(
             max_queue=settings.max_queue,
             job_timeout_s=settings.job_timeout_s,
             metrics=metrics_,
+            max_batch=settings.max_batch,
+            batch_wait_s=settings.batch_wait_ms / 1000,
         )
         monitor = ConsistencyMonitor(
             suite=suite,

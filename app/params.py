@@ -41,6 +41,12 @@ class GenerationParams:
         """The parameters as a plain dict (field order kept)."""
         return dataclasses.asdict(self)
 
+    def cobatch_key(self) -> tuple[object, ...]:
+        """What images must share to run in one co-batched pipeline call (prompts and seeds may differ)."""
+        # SDXL conditions an empty negative prompt on zeros, a non-empty one on its encoding: not mixable
+        return (self.model, self.width, self.height, self.steps, self.sampler, self.guidance_scale,
+                self.negative_prompt == "")
+
 
 @dataclass(frozen=True, config=STRICT)
 class ImageHashes:
@@ -71,3 +77,4 @@ class CaseResult:
     expected_pixel_sha256: str | None
     actual_pixel_sha256: str | None
     error: str | None = None
+    cobatched_with: int | None = None  # a co-batched case: how many other images shared its pipeline call

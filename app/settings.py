@@ -57,6 +57,19 @@ class Settings(BaseSettings):
         default=True,
         description="A worker takes user work only once its start-up golden check is consistent or made a baseline.",
     )
+    max_batch: Annotated[int, Field(ge=1, le=16)] = Field(
+        default=4,
+        description="Images per co-batched pipeline call (1: every image alone). A worker proves each size 2..N "
+        "at start and co-batches only the (model, shape, size) whose images equal their single runs bitwise.",
+    )
+    batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = Field(
+        default=25.0,
+        description="The longest a user image waits for compatible company while other work runs (an idle server "
+        "starts a lone image at once).",
+    )
+    batch_proof_steps: Annotated[int, Field(ge=1, le=150)] = Field(
+        default=2, description="Denoising steps of each image of the start-up co-batching proof."
+    )
     allow_download: bool = False
     log_level: str = "info"
     consistency_interval_s: Annotated[float, Field(ge=0)] = Field(

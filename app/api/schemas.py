@@ -167,6 +167,11 @@ class WorkerStatus(BaseModel):
     group_key: str | None
     models: dict[str, str | None] = Field(description="Loaded model id -> its reproducibility key.")
     ready_seconds: float | None
+    cobatch: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The worker's co-batching proof per (model, width, height, size): proven (co-batched) or not, "
+        "and why not. Unproven shapes run singly.",
+    )
     consistency: str | None = Field(
         default=None, description="Golden-check state: consistent, baseline_recorded, drifted or unchecked."
     )

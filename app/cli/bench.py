@@ -21,6 +21,41 @@ BENCH_MODEL = "sameseed-bench"
 # of a size. Judged at SD1.5's 512x512; 1024x1024 (SDXL) shown beside it.
 C2PA_SIZES = (128, 512, 1024)
 C2PA_JUDGED_SIZE = "512x512"
+BENCH_PARAMS = {
+    "prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128
+}
+
+
+@dataclass
+class CobatchReport:
+    """Co-batching on vs off, side by side on two `cpu:2` servers (bench model), interleaved rounds."""
+
+    concurrent: int
+    rounds: int
+    off_ips: float  # images/s, median over rounds, SAMESEED_MAX_BATCH=1
+    on_ips: float  # images/s, median over rounds, co-batching on (the default)
+    speedup: float
+    lone_off_median_s: float  # one request at a time on an idle server
+    lone_on_median_s: float
+    cobatched_fraction: float  # of the co-batching server's burst images, those made in a co-batched call
+    identical: bool  # every image of the co-batching server had the hashes of the same seed on the other
+    proofs: list[dict[str, Any]] = field(default_factory=list)  # the co-batching server's start-up proof
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """Table rows: throughput, lone latency, fraction co-batched and bitwise identity."""
+        return [
+            (f"cpu:2, {self.concurrent} concurrent, co-batching off", f"{self.off_ips:.3f} img/s", ""),
+            (f"cpu:2, {self.concurrent} concurrent, co-batching on", f"{self.on_ips:.3f} img/s", ""),
+            ("co-batching speedup (on / off)", f"{self.speedup:.2f}x", _verdict(self.speedup >= 1.3, ">= 1.3")),
+            ("lone request, co-batching off, median", f"{self.lone_off_median_s:.3f} s", ""),
+            (
+                "lone request, co-batching on, median",
+                f"{self.lone_on_median_s:.3f} s",
+                _verdict(self.lone_on_median_s <= 1.05 * self.lone_off_median_s, "within 5 % of off"),
+            ),
+            ("images co-batched (on)", f"{100 * self.cobatched_fraction:.0f} %", ""),
+            ("every image bitwise equal on and off", "yes" if self.identical else "NO", ""),
+        ]
 
 
 @dataclass
@@ -43,6 +78,7 @@ class BenchReport:
     throughput_listened_ips: float = 0.0  # listeners following every step event
     idle_listener_slowdown: float = 0.0  # 1 - idle / quiet: the issue's goal
     listener_slowdown: float = 0.0  # 1 - listened / quiet
+    cobatch: CobatchReport | None = None
 
     def table(self) -> str:
         """A plain-text table of the results against their targets."""
@@ -84,6 +120,8 @@ class BenchReport:
             judged = size == C2PA_JUDGED_SIZE
             verdict = _verdict(ms <= 25, "<= 25 ms") if judged else ""
             rows.append((f"C2PA sign + embed, {size} noise PNG, median", f"{ms:.1f} ms", verdict))
+        if self.cobatch is not None:
+            rows.extend(self.cobatch.rows())
         width = max(len(r[0]) for r in rows)
         lines = [f"{name:<{width}}  {value:>14}  {target}" for name, value, target in rows]
         return "\n".join(lines)
@@ -226,6 +264,65 @@ def measure_listener_cost(
     return quiet, idle, following
 
 
+def _burst(server: ServerProcess, params: dict[str, Any], seeds: list[int]) -> tuple[float, dict[int, dict[str, Any]]]:
+    """Send one single-image request per seed at once; seconds to the last answer, and each seed's manifest image."""
+
+    def one(seed: int) -> dict[str, Any]:
+        response = server.post(model=BENCH_MODEL, sampler="pndm", response_format="url", **{**params, "seed": seed})
+        if response.status_code != 200:
+            raise RuntimeError(f"bench request failed: {response.status_code} {response.text[:500]}")
+        return response.json()["manifest"]["images"][0]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        images = list(pool.map(one, seeds))
+    return time.perf_counter() - started, {image["seed"]: image for image in images}
+
+
+def measure_cobatching(
+    work: Path, params: dict[str, Any], concurrent: int = 8, rounds: int = 5, lone_runs: int = 7
+) -> CobatchReport:
+    """Images/s of `concurrent` compatible requests on `cpu:2` with co-batching off and on, and lone-request
+    latency, in interleaved rounds on two idle-waiting servers; checks every co-batched image's bits."""
+    common = {"SAMESEED_WORKERS": "cpu:2", "SAMESEED_DEFAULT_MODEL": BENCH_MODEL}
+    off = ServerProcess(work / "data", **common, SAMESEED_MAX_BATCH="1").start()
+    on = None
+    try:
+        on = ServerProcess(work / "data", **common).start()  # the same data dir: the bench model is built once
+        proofs = [v for w in on.client.get("/readyz").json()["workers"] for v in w.get("cobatch", [])]
+        for server in (off, on):
+            _burst(server, params, list(range(concurrent)))  # warm every worker
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        lone: dict[str, list[float]] = {"off": [], "on": []}
+        together = cobatched = 0
+        identical = True
+        for r in range(rounds):
+            seeds = [5000 + r * concurrent + k for k in range(concurrent)]
+            results = {}
+            for name in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                elapsed, images = _burst(off if name == "off" else on, params, seeds)
+                rates[name].append(concurrent / elapsed)
+                results[name] = images
+            for seed in seeds:
+                a, b = results["off"][seed], results["on"][seed]
+                identical &= (a["latent_sha256"], a["pixel_sha256"]) == (b["latent_sha256"], b["pixel_sha256"])
+                together += 1
+                cobatched += 1 if b.get("cobatched_with", 0) > 0 else 0
+        for i in range(lone_runs):
+            for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                lone[name].append(_http_call(off if name == "off" else on, {**params, "seed": 9000 + i}))
+    finally:
+        off.stop()
+        if on is not None:
+            on.stop()
+    off_ips, on_ips = statistics.median(rates["off"]), statistics.median(rates["on"])
+    return CobatchReport(
+        concurrent=concurrent, rounds=rounds, off_ips=off_ips, on_ips=on_ips, speedup=on_ips / off_ips,
+        lone_off_median_s=statistics.median(lone["off"]), lone_on_median_s=statistics.median(lone["on"]),
+        cobatched_fraction=cobatched / together, identical=identical, proofs=proofs,
+    )
+
+
 def measure_ready(work: Path, runs: int) -> list[float]:
     """Seconds from spawning `python -m app serve` (embedded default model) to /readyz 200."""
     times = []
@@ -269,11 +366,24 @@ def measure_content_credentials(work: Path, runs: int, size: int) -> float:
     return statistics.median(times)
 
 
+def run_cobatch_bench(*, rounds: int = 5, out: Path | None = None) -> CobatchReport:
+    """Only the co-batching measurement (`python -m app bench --only cobatch`): print its rows, optionally JSON."""
+    with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
+        report = measure_cobatching(Path(tmp), BENCH_PARAMS, rounds=rounds)
+    width = max(len(r[0]) for r in report.rows())
+    print("\n".join(f"{name:<{width}}  {value:>14}  {target}" for name, value, target in report.rows()))
+    if out is not None:
+        out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+
+
 def run_bench(
     *, runs: int = 9, images: int = 12, ready_runs: int = 3, listeners: int = 200, out: Path | None = None
 ) -> BenchReport:
     """Run every measurement in one process, print the table, optionally write JSON."""
-    params = {"prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128}
+    params = dict(BENCH_PARAMS)
     with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
         work = Path(tmp)
         ready = measure_ready(work, ready_runs)
@@ -282,6 +392,7 @@ def run_bench(
         two = measure_throughput(work, 2, images, params)
         c2pa_ms = {f"{n}x{n}": measure_content_credentials(work, 20, n) for n in C2PA_SIZES}
         quiet, idle, listened = measure_listener_cost(work, images, params, listeners)
+        cobatch = measure_cobatching(work, params)
     report = BenchReport(
         overhead_http_median_s=http_s,
         overhead_direct_median_s=direct_s,
@@ -299,6 +410,7 @@ def run_bench(
         throughput_listened_ips=listened,
         idle_listener_slowdown=1 - idle / quiet,
         listener_slowdown=1 - listened / quiet,
+        cobatch=cobatch,
     )
     print(report.table())
     if out is not None:

@@ -207,6 +207,27 @@ def render_image(
                 **extra,
             ).images
 
+    # 6.-8. Hash the latents, decode them and hash the pixels (as every co-batched image is finished too).
+    return finish_image(
+        model, params, latents, scheduler=scheduler, warnings=warnings, conditioning=conditioning, started=started
+    )
+
+
+def finish_image(
+    model: LoadedModel,
+    params: GenerationParams,
+    latents: Any,  # noqa: ANN401 - a (1, C, h, w) tensor of one image's final latents
+    *,
+    scheduler: Any,  # noqa: ANN401 - the diffusers scheduler that ran
+    warnings: list[dict[str, Any]],
+    conditioning: Any,  # noqa: ANN401 - the family's SizeConditioning or None
+    started: float,
+    seconds: float | None = None,
+) -> RenderedImage:
+    """Hash one image's final latents, decode them alone (batch size 1), hash the pixels and encode the PNG."""
+    import torch
+
+    with torch.inference_mode():
         # 6. Hash the latents before VAE scaling and decode (DESIGN.md's latent_sha256).
         final = latent_array(latents[0])  # kept so a replay can measure latent drift against it
         latent_hash = latent_sha256(final)
@@ -229,7 +250,7 @@ def render_image(
         latent_shape=tuple(final.shape),
         pixel_sha256=pixel_sha256(image),
         scheduler={"class_name": type(scheduler).__name__, "config": json_config(scheduler.config)},
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started if seconds is None else seconds,
         warnings=warnings,
         vae_upcast=decoded.upcast,
         conditioning=conditioning.record() if conditioning else None,

@@ -37,6 +37,10 @@ class GoldenCase(BaseModel):
     sampler: SamplerName
     width_factor: Annotated[float, Field(gt=0, le=4)] = 1.0
     height_factor: Annotated[float, Field(gt=0, le=4)] = 1.0
+    # co-batched: render this image in one pipeline call with cobatch - 1 companions (seed + 1, ...) where the
+    # worker proved that batch size, and judge it against the baseline of `cobatch_of`, its single-run twin
+    cobatch: Annotated[int, Field(ge=1, le=16)] = 1
+    cobatch_of: Annotated[str | None, Field(pattern=_CASE_NAME)] = None
 
     def size(self, default_width: int, default_height: int, multiple: int) -> tuple[int, int]:
         """Width and height for a model with these defaults, rounded to its size multiple."""

@@ -120,6 +120,11 @@ class ManifestImage(ImageHashes):
     vae_upcast: bool = Field(
         default=False, description="The VAE gave NaN/Inf in the model dtype; these pixels were decoded in float32."
     )
+    cobatched_with: int = Field(
+        default=0,
+        description="How many other images shared this image's pipeline call (0: made alone). Provenance only, "
+        "not a key field: a co-batched image is bitwise its single run (the worker proved it for this shape).",
+    )
 
 
 class ManifestWarning(_Part):

@@ -30,7 +30,7 @@ from app.errors import (
 from app.scheduler.work import Priority, Progress, Work, WorkState, utc_now
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import epoch_ns, from_carrier, tracer
-from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, RenderImage
+from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, RenderBatch, RenderImage
 from app.worker.pool import COMING, SERVING, InFlight, WorkerEvent, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 
 log = logging.getLogger("app.scheduler")
@@ -38,15 +38,20 @@ log = logging.getLogger("app.scheduler")
 Disconnected = Callable[[], Awaitable[bool]]
 WorkerListener = Callable[[WorkerHandle, WorkerEvent], None]
 DISCONNECT_POLL_S = 0.25
+Task = tuple[int, int, Work, int]  # (priority, arrival, work, image index): one queued image
 
 
 class Dispatcher:
     """Bounded admission, one priority queue, routing within a key group, retries, deadlines and drain."""
 
     def __init__(
-        self, *, pool: WorkerPool, max_queue: int, job_timeout_s: float, metrics: Metrics | None = None
+        self, *, pool: WorkerPool, max_queue: int, job_timeout_s: float, metrics: Metrics | None = None,
+        max_batch: int = 1, batch_wait_s: float = 0.0,
     ) -> None:
         self.pool = pool
+        self.max_batch = max_batch  # images per co-batched call (1: every image alone)
+        self.batch_wait_s = batch_wait_s  # the longest a user image waits for company before running alone
+        self._wake: asyncio.TimerHandle | None = None
         self.max_queue = max_queue
         self.job_timeout_s = job_timeout_s
         self.metrics = metrics or Metrics()
@@ -209,7 +214,7 @@ class Dispatcher:
         self._pending = [t for t in self._pending if t[2] is not work]
         if state is not WorkState.SUCCEEDED:  # its images still rendering are of no use: stop them
             for worker in self.workers():
-                if worker.in_flight is not None and worker.in_flight.message.job_id == work.id:
+                if worker.in_flight is not None and worker.in_flight.holds(work.id):
                     self.pool.cancel(worker.id, work.id)
         if not any(w.priority is Priority.USER for w in self._works.values()):
             self._idle.set()
@@ -248,19 +253,92 @@ class Dispatcher:
         return worker.state is WorkerState.READY and work.group_key in (None, worker.group_key)
 
     def _pump(self) -> None:
-        """Give each idle worker, least busy first, the first queued image it may run."""
+        """Give each idle worker, least busy first, the first queued image it may run, with the compatible
+        images queued behind it when the worker proved co-batching for their shape."""
         for worker in self.pool.idle():
             task = next((t for t in self._pending if self._may_run(worker, t[2])), None)
             if task is None:
                 continue
-            self._pending.remove(task)
-            self._dispatch(worker, task[2], task[3])
+            tasks = self._batch_for(worker, task)
+            if not tasks:
+                continue  # waiting (at most batch_wait_s since admission) for company
+            for chosen in tasks:
+                self._pending.remove(chosen)
+            if len(tasks) == 1:
+                self._dispatch(worker, task[2], task[3])
+            else:
+                self._dispatch_batch(worker, tasks)
         self._sync_metrics()
 
-    def _dispatch(self, worker: WorkerHandle, work: Work, index: int) -> None:
+    def _batch_for(self, worker: WorkerHandle, head: Task) -> list[Task]:
+        """The queued images to send `worker` with `head` (head first); [] to wait a little for more.
+
+        Only images that share a pipeline call (`GenerationParams.cobatch_key`), the priority and the
+        workers they may run on go together, and only in a batch size this worker proved bitwise for
+        their (model, shape, guidance mode); anything else runs alone. Idle workers split the queued
+        images between them.
+        """
+        work, index = head[2], head[3]
+        params = work.images[index]
+        guided = params.guidance_scale > 1.0  # proofs hold per guidance mode (one or two UNet rows per image)
+        proven = worker.batch_sizes(params.model, params.width, params.height, guided)
+        sizes = [s for s in proven if s <= self.max_batch]
+        if not sizes or not work.cobatchable(index):
+            return [head]
+        key = params.cobatch_key()
+        mates = [
+            t for t in self._pending
+            if t is not head and t[0] == head[0] and t[2].worker_id == work.worker_id and t[2].cobatchable(t[3])
+            and self._may_run(worker, t[2]) and t[2].images[t[3]].cobatch_key() == key
+        ][: sizes[-1] - 1]
+        waited = time.monotonic() - work.admitted
+        # company is worth waiting for only while other work runs (a burst): on an idle server a lone image
+        # starts at once; a re-run already waited once
+        busy = any(w.state is WorkerState.BUSY for w in self.workers())
+        patient = work.priority is Priority.USER and busy and not work.attempts.get(index)
+        if len(mates) + 1 < sizes[-1] and patient and waited < self.batch_wait_s:
+            self._wake_in(self.batch_wait_s - waited)
+            return []
+        # idle workers that may take this work share the queued images: 4 images and 2 idle workers make
+        # two calls of 2 (both workers busy) rather than one call of 4 and an idle worker
+        peers = max(1, sum(1 for w in self.pool.idle() if self._may_run(w, work)))
+        share = -(-(len(mates) + 1) // peers)
+        size = max((s for s in sizes if s <= share), default=1)
+        return [head, *mates[: size - 1]]
+
+    def _wake_in(self, delay_s: float) -> None:
+        """Pump again after `delay_s` (once: an earlier wake-up already pending covers a later one)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay_s
+        if self._wake is not None and not self._wake.cancelled() and self._wake.when() <= when:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_at(when, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._pump()
+
+    def _dispatch_batch(self, worker: WorkerHandle, tasks: list[Task]) -> None:
+        """Send compatible images to one worker as one co-batched call."""
+        starting: dict[str, int] = {}  # work id -> its first image here, for works that start with this call
+        for t in tasks:
+            if t[2].started_at is None:
+                starting.setdefault(t[2].id, t[3])
+        messages = tuple(self._message(worker, t[2], t[3]) for t in tasks)
+        if not self.pool.assign_batch(worker.id, RenderBatch(messages)):
+            for t in tasks:  # the exit event follows and restarts the worker (re-queued first, in order)
+                self._enqueue(t[2], t[3], first=True)
+            return
+        for t in tasks:
+            if starting.get(t[2].id) == t[3]:
+                self._progress(t[2], Progress.STARTED, {"worker": worker.id, "index": t[3]})
+
+    def _message(self, worker: WorkerHandle, work: Work, index: int) -> RenderImage:
+        """Mark image `index` of `work` as sent to `worker` (starting the work) and build its message."""
         work.group_key = work.group_key or worker.group_key
-        started = work.started_at is None
-        if started:
+        if work.started_at is None:
             work.started_at, work.state = utc_now(), WorkState.RUNNING
             if work.priority is Priority.USER:
                 self.metrics.queue_wait.observe(time.monotonic() - work.admitted)
@@ -269,10 +347,14 @@ class Dispatcher:
                         "queue wait", context=from_carrier(work.trace_context), start_time=epoch_ns(work.admitted)
                     ).end()
         work.attempts[index] = work.attempts.get(index, 0) + 1
-        message = RenderImage(
+        return RenderImage(
             work.id, index, work.images[index], check=work.priority is Priority.CHECK,
             trace_context=work.trace_context or None, previews=work.previews,
         )
+
+    def _dispatch(self, worker: WorkerHandle, work: Work, index: int) -> None:
+        started = work.started_at is None
+        message = self._message(worker, work, index)
         if not self.pool.assign(worker.id, message):
             self._enqueue(work, index, first=True)  # the exit event follows and restarts the worker
         elif started:
@@ -289,7 +371,8 @@ class Dispatcher:
         if finished is not None:
             elapsed = time.monotonic() - finished.started
             self.metrics.worker_busy.labels(worker=worker.id).inc(elapsed)
-            self._image_seconds = 0.8 * self._image_seconds + 0.2 * elapsed
+            per_image = elapsed / len(finished.images)  # a co-batched call made several
+            self._image_seconds = 0.8 * self._image_seconds + 0.2 * per_image
         if isinstance(event, ImageStep):
             self._on_step(event)
             return  # nothing changed hands: no routing to redo
@@ -298,7 +381,7 @@ class Dispatcher:
         elif isinstance(event, ImageFailed):
             self._on_image_failed(event)
         elif isinstance(event, ImageCanceled):
-            pass  # its item already ended; the worker is idle again and takes the next image below
+            self._on_image_canceled(event)
         else:
             if isinstance(event, WorkerExited):
                 self._on_worker_exit(worker, finished)
@@ -319,12 +402,23 @@ class Dispatcher:
             upcasts = self.metrics.vae_upcasts.labels(model=model)  # exported at 0: increase() sees the first upcast
             if event.image.vae_upcast:
                 upcasts.inc()
+            cobatched = self.metrics.cobatched.labels(model=model)
+            if event.image.cobatched_with:
+                cobatched.inc()
         work.results[event.image.index] = event
         index = event.image.index
         work.steps_done[index] = max(work.steps_done.get(index, 0), work.images[index].steps)
         self._progress(work, Progress.IMAGE, {**event.image.hash_fields(), "worker": worker.id})
         if work.complete:
             self._complete(work)
+
+    def _on_image_canceled(self, event: ImageCanceled) -> None:
+        """A canceled image whose item still runs shared a co-batched call with a canceled job: run it again."""
+        work = self._works.get(event.job_id)
+        if work is None or work.finished:
+            return  # its item already ended; the worker is idle again and takes the next image
+        work.steps_done[event.index] = 0
+        self._enqueue(work, event.index, first=True)
 
     def _on_step(self, event: ImageStep) -> None:
         work = self._works.get(event.job_id)
@@ -361,18 +455,19 @@ class Dispatcher:
             self.fail(work, WorkerLost(f"worker {worker.id} exited during {work.id}"))
         if finished is None:
             return
-        work = self._works.get(finished.message.job_id)
-        if work is None:
-            return
-        index = finished.message.index
-        if work.attempts.get(index, 0) <= work.retries:
-            log.warning(
-                "worker %s died mid-image; retrying image %d", worker.id, index, extra={"generation_id": work.id}
-            )
-            self.metrics.retries.inc()
-            self._enqueue(work, index, first=True)
-        else:
-            self.fail(work, WorkerLost(f"the worker died twice while generating image {index} of {work.id}"))
+        for message in finished.images:  # every image of a co-batched call the worker had not answered (in order)
+            work = self._works.get(message.job_id)
+            if work is None or work.finished or message.index in work.results or message.index in work.errors:
+                continue
+            index = message.index
+            if work.attempts.get(index, 0) <= work.retries:
+                log.warning(
+                    "worker %s died mid-image; retrying image %d", worker.id, index, extra={"generation_id": work.id}
+                )
+                self.metrics.retries.inc()
+                self._enqueue(work, index, first=True)
+            else:
+                self.fail(work, WorkerLost(f"the worker died twice while generating image {index} of {work.id}"))
 
     def _fail_stranded(self) -> None:
         """Fail work whose group (or the whole pool) has no worker serving or coming back."""
@@ -394,6 +489,7 @@ class Dispatcher:
         self.metrics.set_worker_keys(
             {w.id: {m: info.get("reproducibility_key") for m, info in w.models.items()} for w in self.workers()}
         )
+        self.metrics.set_cobatch_proofs({w.id: [dict(v) for v in w.cobatch] for w in self.workers()})
 
     def _sync_metrics(self) -> None:
         self.metrics.queue_depth.set(self.waiting_jobs())

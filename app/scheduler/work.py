@@ -82,6 +82,7 @@ class Work:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C headers: the worker's spans join this trace
     previews: bool = False  # workers send a low-resolution preview with each step (never part of the images)
+    solo: frozenset[int] = frozenset()  # image indexes never co-batched (a golden check's single-run references)
 
     @property
     def finished(self) -> bool:
@@ -92,6 +93,10 @@ class Work:
     def complete(self) -> bool:
         """Whether every image has a result or an error."""
         return len(self.results) + len(self.errors) == len(self.images)
+
+    def cobatchable(self, index: int) -> bool:
+        """Whether image `index` may share a pipeline call with compatible images (previews are per image)."""
+        return not self.previews and index not in self.solo
 
     def ordered_results(self) -> list[ImageRendered]:
         """The rendered images in index order (every image must have succeeded)."""

@@ -129,6 +129,7 @@ class ConsistencyMonitor:
                 worker_id=worker.id,
                 all_or_nothing=False,
                 retries=0,
+                solo=frozenset(i for i, (case, _) in enumerate(items) if case.cobatch == 1),
                 on_done=lambda work: self._judge(worker.id, work),
             ),
             verdict=asyncio.get_running_loop().create_future(),
@@ -211,21 +212,22 @@ class ConsistencyMonitor:
                 continue
             for case in self.suite.for_family(entry.family):
                 width, height = case.size(entry.defaults.width, entry.defaults.height, entry.limits.size_multiple)
-                images.append(
-                    GenerationParams(
-                        model=model_id,
-                        prompt=case.prompt,
-                        negative_prompt=case.negative_prompt,
-                        seed=case.seed,
-                        steps=case.steps,
-                        guidance_scale=case.guidance_scale,
-                        width=width,
-                        height=height,
-                        sampler=case.sampler,
-                        num_images=1,
+                for k in range(case.cobatch):  # a co-batched case's companions follow it: seed + 1, ...
+                    images.append(
+                        GenerationParams(
+                            model=model_id,
+                            prompt=case.prompt,
+                            negative_prompt=case.negative_prompt,
+                            seed=case.seed + k,
+                            steps=case.steps,
+                            guidance_scale=case.guidance_scale,
+                            width=width,
+                            height=height,
+                            sampler=case.sampler,
+                            num_images=1,
+                        )
                     )
-                )
-                items.append((case, model_id))
+                    items.append((case, model_id))
         return items, images
 
     def record(self, run: GoldenRun, checked_at: str) -> WorkerConsistency:
@@ -233,6 +235,8 @@ class ConsistencyMonitor:
         record = self.worker(run.worker_id)
         cases: list[CaseResult] = []
         for index, (case, model_id) in enumerate(run.items):
+            if run.work.images[index].seed != case.seed:
+                continue  # a co-batched case's companion: only there to share the call
             result = run.work.results.get(index)
             if result is None:
                 error = run.work.errors.get(index)
@@ -245,7 +249,7 @@ class ConsistencyMonitor:
                 continue
             key = result.runtime["reproducibility_key"]
             actual = Baseline(
-                case=case.name,
+                case=case.cobatch_of or case.name,  # a co-batched case must give its single-run twin's hashes
                 suite_version=self.suite.version,
                 model=model_id,
                 reproducibility_key=key,
@@ -260,6 +264,7 @@ class ConsistencyMonitor:
                 CaseResult(
                     case.name, model_id, key, verdict.state, expected.latent_sha256, actual.latent_sha256,
                     expected.pixel_sha256, actual.pixel_sha256,
+                    cobatched_with=result.image.cobatched_with if case.cobatch > 1 else None,
                 )
             )
         mismatches = sum(1 for c in cases if c.state == "drifted")

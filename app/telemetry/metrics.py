@@ -61,6 +61,16 @@ class Metrics:
         self.vae_upcasts = Counter(
             "sameseed_vae_upcasts", "Images whose decode gave NaN/Inf and was redone in fp32", ["model"], registry=r
         )
+        self.cobatched = Counter(
+            "sameseed_cobatched_images", "Images generated in a co-batched pipeline call (bitwise their single runs)",
+            ["model"], registry=r,
+        )
+        self.cobatch_proven = Gauge(
+            "sameseed_cobatch_proven",
+            "1 where a worker proved a co-batched call bitwise equal to single runs for (model, shape, batch size) "
+            "and co-batches it; 0 where it runs singles, `reason` saying why",
+            ["worker", "model", "shape", "guided", "batch_size", "reason"], registry=r,
+        )
         self.errors = Counter(
             "sameseed_errors", "Service errors answered (SameseedError), by the error body's type", ["type"], registry=r
         )
@@ -119,6 +129,7 @@ class Metrics:
         for model in models:
             self.images.labels(model=model)
             self.vae_upcasts.labels(model=model)
+            self.cobatched.labels(model=model)
         for outcome in outcomes:
             self.jobs.labels(outcome=outcome)
 
@@ -132,6 +143,18 @@ class Metrics:
         for name in WORKER_STATES:
             self.worker_state.labels(worker=worker, state=name).set(1 if name == state else 0)
         self.worker_restarts.labels(worker=worker)  # present at 0, so increase() sees the first restart
+
+    def set_cobatch_proofs(self, proofs: dict[str, list[dict]]) -> None:
+        """Export worker -> its co-batching verdicts as the whole set (a restarted worker proves again)."""
+        self.cobatch_proven.clear()
+        for worker, verdicts in proofs.items():
+            for v in verdicts:
+                shape = f"{v.get('width')}x{v.get('height')}" if v.get("width") else "default"
+                self.cobatch_proven.labels(
+                    worker=worker, model=v.get("model", ""), shape=shape, guided=str(bool(v.get("guided"))).lower(),
+                    batch_size=str(v.get("size")),
+                    reason=v.get("reason") or "",
+                ).set(1 if v.get("proven") else 0)
 
     def set_worker_keys(self, keys: dict[str, dict[str, str | None]]) -> None:
         """Export worker -> {model: reproducibility key} as the whole set (a reloaded worker drops its old key)."""

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from app.errors import OutOfMemory
 from app.provenance.manifest import ManifestImage
 from app.telemetry.tracing import child_span
-from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
+from app.worker.messages import ImageRendered, RenderBatch, RenderImage, WorkerConfig
 
 log = logging.getLogger("app.worker")
 
@@ -83,6 +83,8 @@ class DiffusersEngine:
         self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
         self.models: dict[str, Any] = {}
         self.model_keys: dict[str, dict[str, Any]] = {}
+        # (model, width, height, guided, batch size) whose co-batched images were proven bitwise their single runs
+        self.proven: set[tuple[str, int, int, bool, int]] = set()
 
     def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
         """The loaded model, loading it now if needed; the second item describes a fresh load."""
@@ -115,11 +117,46 @@ class DiffusersEngine:
         """Render one image of a job and describe it for the manifest; `on_step(step, steps)` after each step
         (with `preview=` a small PNG when the job asked for previews)."""
         from app.pipeline.generate import render_image
-        from app.provenance.key import KEY_RUNTIME_FIELDS
 
         with child_span("load") if job.params.model not in self.models else contextlib.nullcontext():
             loaded, fresh = self.model(job.params.model)
         result = render_image(loaded, job.params, on_step, previews=job.previews)
+        return self._describe(job, loaded, fresh, result)
+
+    def prove_batches(self, model_id: str, sizes: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
+        """Prove each batch size at the model's default shape, with its default guidance and without guidance
+        (co-batched vs single, every latent and pixel); co-batch only what is proven. One verdict per case."""
+        from app.pipeline.batched import prove_batch_sizes
+
+        loaded, _ = self.model(model_id)
+        proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
+        for proof in proofs:
+            if proof.proven:
+                self.proven.add((proof.model, proof.width, proof.height, proof.guided, proof.size))
+        return [proof.describe() for proof in proofs]
+
+    def render_batch(self, batch: RenderBatch, on_step: StepListener | None = None) -> list[ImageRendered]:
+        """Render compatible images in one pipeline call when this (model, shape, size) is proven, else one by one;
+        each is described as if alone, plus how many others shared its call."""
+        from app.pipeline.batched import guided, render_batch
+
+        first = batch.images[0].params
+        if (first.model, first.width, first.height, guided(first), len(batch.images)) not in self.proven:
+            # never co-batch unproven work (the dispatcher sends none): bits are only promised for what was proven;
+            # the batch's listener then reports each image's steps for the whole call, and still stops it on cancel
+            return [self.render(job, on_step) for job in batch.images]
+        loaded, fresh = self.model(first.model)
+        results = render_batch(loaded, [job.params for job in batch.images], on_step)
+        return [
+            self._describe(job, loaded, fresh if k == 0 else None, result, cobatched_with=len(batch.images) - 1)
+            for k, (job, result) in enumerate(zip(batch.images, results, strict=True))
+        ]
+
+    def _describe(
+        self, job: RenderImage, loaded: Any, fresh: dict[str, Any] | None, result: Any, cobatched_with: int = 0  # noqa: ANN401
+    ) -> ImageRendered:
+        from app.provenance.key import KEY_RUNTIME_FIELDS
+
         runtime = {
             **{k: v for k, v in self.runtime.items() if k != "pid"},
             "reproducibility_key": self.model_keys[job.params.model]["reproducibility_key"],
@@ -136,6 +173,7 @@ class DiffusersEngine:
                 height=result.image.height,
                 worker_id=self.config.worker_id,
                 vae_upcast=result.vae_upcast,
+                cobatched_with=cobatched_with,
             ),
             png=result.png,
             seconds=result.seconds,

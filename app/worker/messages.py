@@ -27,6 +27,9 @@ class WorkerConfig:
     log_level: str = "info"
     engine: str = "app.worker.engine:DiffusersEngine"  # module:class; tests name fixture engines
     image: dict[str, str] | None = None  # the container image (version, revision, base): runtime.image, not keyed
+    # co-batching: the batch sizes to prove at start (empty: off), and the denoising steps each proof image takes
+    batch_sizes: tuple[int, ...] = ()
+    batch_proof_steps: int = 2
 
 
 # ---------------------------------------------------------------- requests (parent -> child)
@@ -42,6 +45,17 @@ class RenderImage:
     check: bool = False  # a golden-check image: judged by the monitor, not counted as user work
     trace_context: dict[str, str] | None = None  # W3C trace context of the generation (tracing on)
     previews: bool = False  # send a low-resolution preview with each step (never part of the image or its hashes)
+
+
+@dataclass(frozen=True)
+class RenderBatch:
+    """Generate compatible images (same model, size, steps, sampler, guidance) in one pipeline call.
+
+    Each image is answered on its own (ImageRendered, ImageFailed or ImageCanceled, in `images`
+    order); a worker that has not proven this (model, size, batch size) renders them one by one.
+    """
+
+    images: tuple[RenderImage, ...]
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class WorkerReady:
     group_key: str
     models: dict[str, dict[str, Any]]  # model id -> {reproducibility_key, ...}
     load_seconds: float
+    # the co-batching proof per (model, width, height, size): {model, width, height, size, proven, reason, seconds}
+    cobatch: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,5 +143,5 @@ class ImageCanceled:
     steps_done: int
 
 
-ToWorker = RenderImage | Shutdown
+ToWorker = RenderImage | RenderBatch | Shutdown
 FromWorker = WorkerReady | WorkerFailed | ImageRendered | ImageFailed | ImageStep | ImageCanceled

@@ -49,6 +49,8 @@ def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]
             allow_download=settings.allow_download,
             log_level=settings.log_level,
             image=settings.image_identity(),
+            batch_sizes=tuple(range(2, settings.max_batch + 1)),
+            batch_proof_steps=settings.batch_proof_steps,
         )
         for i, device in enumerate(plan_devices(settings.workers))
     ]

@@ -22,6 +22,7 @@ from app.worker.messages import (
     ImageCanceled,
     ImageFailed,
     ImageRendered,
+    RenderBatch,
     RenderImage,
     ToWorker,
     WorkerConfig,
@@ -59,10 +60,20 @@ class WorkerExited:
 
 @dataclass(frozen=True)
 class InFlight:
-    """The image a worker is rendering: the message it was sent, and when (monotonic seconds)."""
+    """The image a worker is rendering (or the images of its co-batched call): the message, and when (monotonic)."""
 
-    message: RenderImage
+    message: RenderImage  # the first image of a co-batched call
     started: float
+    batch: tuple[RenderImage, ...] = ()  # every image of a co-batched call, `message` first
+
+    @property
+    def images(self) -> tuple[RenderImage, ...]:
+        """Every image this call renders (one, unless co-batched)."""
+        return self.batch or (self.message,)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether an image of job `job_id` is in this call."""
+        return any(m.job_id == job_id for m in self.images)
 
 
 @dataclass
@@ -89,6 +100,16 @@ class WorkerHandle:
     busy_s: float = 0.0  # seconds spent rendering, for least-busy routing
     start_timed_out: bool = False
     cancel: Any = None  # a multiprocessing.Event the worker checks between steps of the image in flight
+    cobatch: tuple[dict[str, Any], ...] = ()  # the worker's co-batching proof per (model, width, height, size)
+    awaiting: set[tuple[str, int]] = field(default_factory=set)  # (job, index) of a co-batched call not answered yet
+
+    def batch_sizes(self, model: str, width: int, height: int, guided: bool) -> tuple[int, ...]:
+        """The batch sizes this worker proved bitwise for a (model, shape, guidance mode), ascending; () when none."""
+        wanted = (model, width, height, guided)
+        return tuple(sorted(
+            v["size"] for v in self.cobatch
+            if v.get("proven") and (v.get("model"), v.get("width"), v.get("height"), v.get("guided")) == wanted
+        ))
 
     @property
     def id(self) -> str:
@@ -110,6 +131,7 @@ class WorkerHandle:
             "group_key": self.group_key,
             "models": {m: info.get("reproducibility_key") for m, info in self.models.items()},
             "ready_seconds": self.ready_seconds,
+            "cobatch": [dict(v) for v in self.cobatch],
         }
 
 
@@ -185,6 +207,19 @@ class WorkerPool:
         handle.in_flight = None  # stays busy: the exit event follows and restarts it
         return False
 
+    def assign_batch(self, worker_id: str, batch: RenderBatch) -> bool:
+        """Send compatible images to an idle worker as one co-batched call; it is busy until each is answered."""
+        handle = self.workers[worker_id]
+        if handle.state not in IDLE:
+            raise RuntimeError(f"worker {worker_id} is {handle.state.value}, not idle")
+        handle.state = WorkerState.BUSY
+        handle.in_flight = InFlight(batch.images[0], time.monotonic(), batch.images)
+        handle.awaiting = {(m.job_id, m.index) for m in batch.images}
+        if self._transmit(handle, batch):
+            return True
+        handle.in_flight, handle.awaiting = None, set()  # stays busy: the exit event follows and restarts it
+        return False
+
     def cancel(self, worker_id: str, job_id: str) -> bool:
         """Stop the image a worker renders at its next step, if it belongs to `job_id`; True when signalled.
 
@@ -192,7 +227,7 @@ class WorkerPool:
         its image as usual.
         """
         handle = self.workers[worker_id]
-        if handle.in_flight is None or handle.in_flight.message.job_id != job_id:
+        if handle.in_flight is None or not handle.in_flight.holds(job_id):
             return False
         self._signal_cancel(handle)
         return True
@@ -223,7 +258,7 @@ class WorkerPool:
         return WorkerState.CHECKING if handle.held else WorkerState.READY
 
     def _release(self, handle: WorkerHandle) -> InFlight | None:
-        finished, handle.in_flight = handle.in_flight, None
+        finished, handle.in_flight, handle.awaiting = handle.in_flight, None, set()
         if handle.state is WorkerState.BUSY:
             handle.state = self._resting(handle)
         if finished is not None:
@@ -257,6 +292,7 @@ class WorkerPool:
     def _starting(self, handle: WorkerHandle) -> None:
         handle.state, handle.started_at, handle.start_timed_out = WorkerState.STARTING, time.monotonic(), False
         handle.runtime, handle.models, handle.group_key, handle.in_flight = {}, {}, None, None
+        handle.cobatch, handle.awaiting = (), set()
 
     def _watch(self, handle: WorkerHandle) -> None:
         threading.Thread(target=self._read, args=(handle, handle.conn, handle.process), daemon=True).start()
@@ -297,15 +333,20 @@ class WorkerPool:
             return  # from an earlier incarnation
         finished: InFlight | None = None
         if isinstance(event, ImageRendered | ImageFailed | ImageCanceled):
-            finished = self._release(handle)
+            check = handle.in_flight is not None and handle.in_flight.message.check
+            index = event.image.index if isinstance(event, ImageRendered) else event.index
+            handle.awaiting.discard((event.job_id, index))
+            # a co-batched call ends with its last image's answer; until then the worker stays busy with it
+            finished = self._release(handle) if not handle.awaiting else None
             if isinstance(event, ImageRendered):
-                handle.jobs_done += 0 if finished is not None and finished.message.check else 1
+                handle.jobs_done += 0 if check else 1
                 if event.model_loaded:
                     handle.models[event.model_loaded["model"]] = event.model_loaded
         elif isinstance(event, WorkerReady):
             handle.state = self._resting(handle)
             handle.runtime, handle.group_key = event.runtime, event.group_key
             handle.models, handle.pid = dict(event.models), event.pid
+            handle.cobatch = tuple(event.cobatch)
             handle.ready_seconds = round(time.monotonic() - handle.started_at, 3)
             log.info("worker %s ready in %.2fs (group %s)", handle.id, handle.ready_seconds, event.group_key)
         elif isinstance(event, WorkerFailed):

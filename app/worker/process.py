@@ -22,6 +22,7 @@ from app.worker.messages import (
     ImageCanceled,
     ImageFailed,
     ImageStep,
+    RenderBatch,
     RenderImage,
     Shutdown,
     WorkerConfig,
@@ -72,6 +73,7 @@ def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None
         engine = load_engine(config)
         for model_id in config.preload:
             engine.model(model_id)
+        cobatch = _prove_batches(engine, config)
     except SameseedError as exc:
         conn.send(WorkerFailed(config.worker_id, exc.type, exc.message))
         return
@@ -87,12 +89,36 @@ def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None
             group_key=_group_key(engine.runtime),
             models=dict(engine.model_keys),
             load_seconds=round(time.perf_counter() - started, 3),
+            cobatch=tuple(cobatch),
         )
     )
     try:
         serve(engine, conn, config.worker_id, cancel)
     finally:
         shutdown_tracing()  # flush this worker's spans
+
+
+def _prove_batches(engine: Engine, config: WorkerConfig) -> list[dict[str, Any]]:
+    """Prove every configured batch size on each preloaded model before serving; what fails runs singly."""
+    if not config.batch_sizes:
+        return []
+    prove = getattr(engine, "prove_batches", None)
+    if prove is None:  # an engine that cannot co-batch says so, in /readyz and the metrics
+        return [
+            {"model": model_id, "width": None, "height": None, "guided": None, "size": size, "proven": False,
+             "reason": f"engine {type(engine).__name__} has no co-batched path", "seconds": 0.0}
+            for model_id in config.preload for size in config.batch_sizes if size >= 2
+        ]
+    verdicts: list[dict[str, Any]] = []
+    for model_id in config.preload:
+        verdicts.extend(prove(model_id, config.batch_sizes, config.batch_proof_steps))
+    for verdict in verdicts:
+        if verdict["proven"]:
+            log.info("co-batching proven: %s %sx%s guided=%s batch %d (%.2fs)", verdict["model"], verdict["width"],
+                     verdict["height"], verdict["guided"], verdict["size"], verdict["seconds"])
+        else:
+            log.warning("co-batching off: %s batch %d: %s", verdict["model"], verdict["size"], verdict["reason"])
+    return verdicts
 
 
 def _group_key(runtime: dict[str, Any]) -> str:
@@ -129,6 +155,12 @@ def serve(engine: Engine, conn: Connection, worker_id: str, cancel: CancelFlag |
             return  # the parent is gone
         if isinstance(message, Shutdown):
             return
+        if isinstance(message, RenderBatch):
+            if cancel is not None:
+                cancel.clear()
+            for reply in _render_batch(engine, message, worker_id, _batch_listener(conn, message, worker_id, cancel)):
+                conn.send(reply)
+            continue
         if not isinstance(message, RenderImage):
             log.error("worker ignored unknown message %r", type(message).__name__)
             continue
@@ -146,6 +178,54 @@ def serve(engine: Engine, conn: Connection, worker_id: str, cancel: CancelFlag |
         with span:
             reply = _render(engine, message, worker_id, _step_listener(conn, message, worker_id, cancel))
         conn.send(reply)
+
+
+def _batch_listener(conn: Connection, batch: RenderBatch, worker_id: str, cancel: CancelFlag | None) -> Any:  # noqa: ANN401
+    """Report each finished step of a co-batched call as a step of every image in it; stop them all on cancel."""
+
+    def on_step(step: int, steps: int, preview: bytes | None = None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise RenderCanceled(step)
+        for job in batch.images:
+            conn.send(ImageStep(job.job_id, job.index, worker_id, step, steps))
+
+    return on_step
+
+
+def _render_batch(engine: Engine, batch: RenderBatch, worker_id: str, on_step: Any) -> list[Any]:  # noqa: ANN401
+    """Render a batch; every image gets its own reply. A cancel stops them all (the parent re-queues the images
+    of jobs still wanted); an error fails each image of the call with it, and the worker keeps serving."""
+    first = batch.images[0]
+    try:
+        with (
+            tracer().start_as_current_span(
+                "render batch", context=from_carrier(first.trace_context),
+                attributes={"sameseed.worker_id": worker_id, "sameseed.batch_size": len(batch.images)},
+            )
+            if first.trace_context
+            else contextlib.nullcontext()
+        ):
+            replies: list[Any] = engine.render_batch(batch, on_step)  # type: ignore[attr-defined]
+        log.info("batch of %d rendered", len(replies),
+                 extra={"generation_id": first.job_id, "seeds": [j.params.seed for j in batch.images]})
+        return replies
+    except RenderCanceled as exc:
+        log.info("batch of %d canceled after %d steps", len(batch.images), exc.steps_done,
+                 extra={"generation_id": first.job_id})
+        return [ImageCanceled(j.job_id, j.index, worker_id, exc.steps_done) for j in batch.images]
+    except SameseedError as exc:
+        return [ImageFailed(j.job_id, j.index, worker_id, exc.type, exc.message, exc.param) for j in batch.images]
+    except Exception as exc:  # recoverable: report it for every image, keep serving
+        if is_out_of_memory(exc):
+            error = out_of_memory(exc, first)
+            return [ImageFailed(j.job_id, j.index, worker_id, error.type, error.message, error.param)
+                    for j in batch.images]
+        log.error("batch generation failed: %s", traceback.format_exc(), extra={"generation_id": first.job_id})
+        return [
+            ImageFailed(j.job_id, j.index, worker_id, "generation_failed",
+                        f"the pipeline raised {type(exc).__name__}: {exc}")
+            for j in batch.images
+        ]
 
 
 def _render(engine: Engine, message: RenderImage, worker_id: str, on_step: Any) -> Any:  # noqa: ANN401

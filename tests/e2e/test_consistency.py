@@ -25,23 +25,32 @@ def checked(srv, deadline_s=60.0):
 
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory):
-    """A server that recorded its baselines, stopped, and a second start on the same data dir (running)."""
+    """A server that recorded its baselines (its report and /readyz), stopped, and a second start on the same
+    data dir (running)."""
     data = tmp_path_factory.mktemp("consistency")
     first = Server(data).start()
     try:
-        first_report = checked(first)
+        first_report, first_ready = checked(first), first.client.get("/readyz").json()
     finally:
         first.stop()
     second = Server(data).start()
-    yield first_report, second
+    yield first_report, first_ready, second
     second.stop()
 
 
 def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(restarted):
-    first_report, second = restarted
-    assert first_report["status"] == "baseline_recorded"
-    (worker,) = first_report["workers"]
-    assert len(worker["cases"]) == 5 and all(c["state"] == "baseline_recorded" for c in worker["cases"])
+    report, ready, second = restarted
+    assert report["status"] == "baseline_recorded"
+    (worker,) = report["workers"]
+    singles = [c for c in worker["cases"] if c["cobatched_with"] is None]
+    assert len(singles) == 5 and all(c["state"] == "baseline_recorded" for c in singles)
+    # the co-batched case ran in one call with a companion where the worker proved a batch of 2 at this shape
+    # (else alone), and gave its single-run twin's recorded hashes either way
+    (proof,) = [v for w in ready["workers"] for v in w["cobatch"]
+                if (v["model"], v["width"], v["guided"], v["size"]) == ("sameseed-tiny", 64, True, 2)]
+    (cobatched,) = [c for c in worker["cases"] if c["cobatched_with"] is not None]
+    assert (cobatched["case"], cobatched["cobatched_with"]) == ("pndm-default-cobatched", 1 if proof["proven"] else 0)
+    assert cobatched["state"] == "consistent"
     report = checked(second)
     assert report["status"] == "consistent"
     case = report["workers"][0]["cases"][0]

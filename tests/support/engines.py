@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from app.errors import ModelUnavailable
 from app.worker.engine import StepListener
-from app.worker.messages import ImageRendered, RenderImage, WorkerConfig
+from app.worker.messages import ImageRendered, RenderBatch, RenderImage, WorkerConfig
 from tests.support.fakes import FAKE_KEY, RUNTIME, fake_preview, rendered
 
 
@@ -108,3 +109,55 @@ class UnloadableEngine(FakeEngine):
     def model(self, model_id: str) -> tuple[Any, dict[str, Any] | None]:
         """Refuse the model."""
         raise ModelUnavailable(f"{model_id}: sha256 mismatch in unet/diffusion_pytorch_model.safetensors")
+
+
+class CobatchingEngine(FakeEngine):
+    """Co-batches like the diffusers engine: the real start-up proof over fake renders, then co-batched calls of
+    exactly the proven (model, shape, guidance mode, size); a batch's images are bitwise their single runs."""
+
+    DEFAULTS = SimpleNamespace(width=64, height=64, steps=20, guidance_scale=7.5, sampler="pndm")
+
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(config)
+        self.proven: set[tuple[Any, ...]] = set()
+
+    def batch_salt(self, size: int, k: int) -> str:
+        """What a batch-dependent kernel would change in image k of a batch of `size` (nothing here)."""
+        return ""
+
+    def prove_batches(self, model_id: str, sizes: tuple[int, ...], steps: int) -> list[dict[str, Any]]:
+        """The real proof (`prove_batch_sizes`) with this engine's single and batched renders."""
+        from app.pipeline.batched import prove_batch_sizes
+
+        model = SimpleNamespace(entry=SimpleNamespace(id=model_id, defaults=self.DEFAULTS))
+        proofs = prove_batch_sizes(
+            model, sizes, steps=steps, guidance_scales=(None, 0.0),
+            render_one=lambda m, p: rendered(RenderImage("proof", 0, p)).image,
+            render_many=lambda m, ps: [
+                rendered(RenderImage("proof", k, p), salt=self.batch_salt(len(ps), k)).image for k, p in enumerate(ps)
+            ],
+        )
+        self.proven = {(v.model, v.width, v.height, v.guided, v.size) for v in proofs if v.proven}
+        return [v.describe() for v in proofs]
+
+    def render_batch(self, batch: RenderBatch, on_step: StepListener | None = None) -> list[ImageRendered]:
+        """One call for a proven batch (each image says how many shared it), else one image at a time."""
+        p, n = batch.images[0].params, len(batch.images)
+        if (p.model, p.width, p.height, p.guidance_scale > 1, n) not in self.proven:
+            return [self.render(job, on_step) for job in batch.images]
+        for job in batch.images:
+            self.model(job.params.model)
+        if on_step is not None:  # one step for the whole call (the listener may raise to stop every image)
+            on_step(1, 1)
+        return [
+            rendered(job, self.config.worker_id, salt=self.batch_salt(n, k), cobatched_with=n - 1)
+            for k, job in enumerate(batch.images)
+        ]
+
+
+class BatchDependentEngine(CobatchingEngine):
+    """A machine whose kernels change bits with the batch size: image 1 of any batch differs from its single run."""
+
+    def batch_salt(self, size: int, k: int) -> str:
+        """Image 1 of every batch gets other bits."""
+        return f"batch of {size}" if k == 1 else ""

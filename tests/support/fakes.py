@@ -16,6 +16,7 @@ from app.worker.messages import (
     ImageFailed,
     ImageRendered,
     ImageStep,
+    RenderBatch,
     RenderImage,
     WorkerConfig,
     WorkerFailed,
@@ -64,7 +65,9 @@ def fake_preview(message: RenderImage, step: int) -> bytes:
     return fake_png(params.width // 8, params.height // 8, "preview", message.job_id, message.index, step)[0]
 
 
-def rendered(message: RenderImage, worker_id: str = "w0", key: str = FAKE_KEY, salt: str = "") -> ImageRendered:
+def rendered(
+    message: RenderImage, worker_id: str = "w0", key: str = FAKE_KEY, salt: str = "", cobatched_with: int = 0
+) -> ImageRendered:
     """A plausible ImageRendered whose hashes depend only on the parameters (like the real thing)."""
     p = message.params
     params = (p.model, p.prompt, p.negative_prompt, p.seed, p.steps, p.guidance_scale, p.width, p.height, p.sampler)
@@ -79,6 +82,7 @@ def rendered(message: RenderImage, worker_id: str = "w0", key: str = FAKE_KEY, s
             width=p.width,
             height=p.height,
             worker_id=worker_id,
+            cobatched_with=cobatched_with,
         ),
         png=png,
         seconds=0.01,
@@ -136,6 +140,10 @@ class FakePool(WorkerPool):
             for step in range(1, self.auto_steps + 1):
                 loop.call_soon(self.step, handle.id, message, step, self.auto_steps)
             loop.call_soon(self.answer, handle.id, message)
+        if self.auto and isinstance(message, RenderBatch):
+            loop = asyncio.get_running_loop()
+            for image in message.images:
+                loop.call_soon(self.answer, handle.id, image, "", len(message.images) - 1)
         return True
 
     def _signal_cancel(self, handle: WorkerHandle) -> None:
@@ -148,18 +156,27 @@ class FakePool(WorkerPool):
             handle.state = WorkerState.STOPPED
 
     # ---------------------------------------------------------------- what the test drives
-    def ready(self, worker_id: str, group_key: str = "g1", models: dict[str, Any] | None = None) -> None:
-        """The worker reports ready with these loaded models (none by default: no golden check plans)."""
+    def ready(
+        self, worker_id: str, group_key: str = "g1", models: dict[str, Any] | None = None,
+        cobatch: tuple[dict[str, Any], ...] = (),
+    ) -> None:
+        """The worker reports ready with these loaded models (none by default: no golden check plans) and
+        co-batching proofs (none by default: every image alone)."""
         handle = self.workers[worker_id]
         if handle.process is None:
             self._launch(handle)
-        event = WorkerReady(worker_id, 1000, dict(RUNTIME), group_key, dict(models or {}), 0.1)
+        event = WorkerReady(worker_id, 1000, dict(RUNTIME), group_key, dict(models or {}), 0.1, tuple(cobatch))
         self._deliver(handle, handle.process, event)
 
-    def answer(self, worker_id: str, message: RenderImage, salt: str = "") -> None:
-        """The worker finishes `message` with a plausible image."""
+    def answer(self, worker_id: str, message: RenderImage, salt: str = "", cobatched_with: int = 0) -> None:
+        """The worker finishes `message` with a plausible image (one of a co-batched call: `cobatched_with` > 0)."""
         handle = self.workers[worker_id]
-        self._deliver(handle, handle.process, rendered(message, worker_id, salt=salt))
+        self._deliver(handle, handle.process, rendered(message, worker_id, salt=salt, cobatched_with=cobatched_with))
+
+    def answer_batch(self, worker_id: str, batch: RenderBatch, salt: str = "") -> None:
+        """The worker finishes every image of a co-batched call, in order."""
+        for image in batch.images:
+            self.answer(worker_id, image, salt, len(batch.images) - 1)
 
     def step(self, worker_id: str, message: RenderImage, step: int, steps: int) -> None:
         """The worker finished denoising step `step` of `steps` of `message` (with a preview if it asked for them)."""

@@ -393,7 +393,7 @@ def test_first_check_records_baselines_and_a_second_worker_is_judged_against_the
         monitor = monitor_for(registry, tmp_path)
         dispatcher, pool = make(registry, workers=2, consistency=monitor)
         pool.ready("w0", models=MODELS)
-        assert await answer_golden(pool, "w0") == len(load_suite().for_family("sd1"))
+        assert await answer_golden(pool, "w0") == sum(c.cobatch for c in load_suite().for_family("sd1"))
         assert monitor.worker("w0").state == "baseline_recorded"
         pool.ready("w1", models=MODELS)
         await answer_golden(pool, "w1")
@@ -411,7 +411,8 @@ def test_a_drifted_worker_is_quarantined_while_a_peer_is_consistent_and_returns_
         await answer_golden(pool, "w0")
         pool.ready("w1", models=MODELS)
         await answer_golden(pool, "w1", salt="bad gpu")
-        assert monitor.worker("w1").state == "drifted" and monitor.worker("w1").mismatches == 5
+        cases = len(load_suite().for_family("sd1"))  # the co-batched case drifts with its single-run twin
+        assert monitor.worker("w1").state == "drifted" and monitor.worker("w1").mismatches == cases
         assert pool.workers["w1"].state is WorkerState.QUARANTINED
         assert (
             monitor.metrics.registry.get_sample_value(

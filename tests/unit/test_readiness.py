@@ -34,7 +34,7 @@ def test_a_started_worker_takes_user_work_only_after_its_check_passes(registry, 
         assert not harness.ready() and monitor.checking() == ["w0"]
         job = asyncio.create_task(harness.generate(req(seed=1)))  # admitted: it waits, not refused
         await until(lambda: harness.waiting_jobs() == 1)
-        assert await answer_golden(pool, "w0") == len(load_suite().for_family("sd1"))
+        assert await answer_golden(pool, "w0") == sum(c.cobatch for c in load_suite().for_family("sd1"))
         assert monitor.worker("w0").state == "baseline_recorded"
         assert pool.workers["w0"].state in (WorkerState.READY, WorkerState.BUSY)
         assert harness.ready() and monitor.checking() == []
