@@ -59,7 +59,7 @@ def test_baselines_persist_across_restarts_and_a_second_start_is_consistent(rest
 
 
 def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(restarted, tmp_path):
-    srv = restarted[1]  # runs after the test above has read its consistent state
+    srv = restarted[2]  # runs after the test above has read its consistent state
     checked(srv)
     exported = tmp_path / "baselines.json"
     cli = [sys.executable, "-m", "app"]
