@@ -29,8 +29,10 @@ serve: venv
 lint: dev-venv
 	$(VENV)/bin/python -m ruff check .
 
+# Test modules run in parallel (pytest-xdist; one module stays on one process, so its shared server
+# or cluster starts once): as many processes as cores, at most 4.
 test: lint monitoring-tools postgresql
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 # The monitoring tests run Debian's Prometheus tools (README "Monitoring"); installed only when one is missing.
 # On a host with systemd the packages also enable their own services (Prometheus on :9090): CI containers have none.
