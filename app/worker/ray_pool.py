@@ -102,10 +102,12 @@ class RayPool(WorkerPool):
         *,
         start_timeout_s: float = 300.0,
         probe_s: float = PROBE_S,
+        retry_s: float = 0.5,
     ) -> None:
         super().__init__(configs, sink, start_timeout_s=start_timeout_s)
         self.backend = backend
         self.probe_s = probe_s
+        self.retry_s = retry_s  # between asks of a slot whose replica is not answering yet
         self._deployed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,7 +194,7 @@ class RayPool(WorkerPool):
                 answer = await asyncio.wait_for(self.backend.ready(handle.id), REPLICA_ANSWER_S)
             except Exception as exc:  # the replica is gone or not placed yet: Serve is replacing it
                 log.debug("worker %s: replica not answering yet (%r)", handle.id, exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(self.retry_s)
                 continue
             if isinstance(answer, WorkerReady):
                 life.worker_id = answer.worker_id
