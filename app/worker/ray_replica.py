@@ -31,7 +31,9 @@ def replica_identity(slot: str) -> str:
     import ray
     from ray import serve
 
-    node = ray.util.get_node_ip_address()
+    node_id = ray.get_runtime_context().get_node_id()
+    # the address the node joined the cluster with (`ray start --node-ip-address`), not a guess from routes
+    node = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), node_id[:12])
     try:
         replica = serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside a Serve replica (a plain Ray actor in tests): the process is the replica
