@@ -191,7 +191,8 @@ class RayPool(WorkerPool):
         """Ask the slot until its replica answers (a new one may be starting), then report it and probe it."""
         while not life.ended and not self._closing:
             try:
-                answer = await asyncio.wait_for(self.backend.ready(handle.id), REPLICA_ANSWER_S)
+                async with asyncio.timeout(REPLICA_ANSWER_S):  # not wait_for: in 3.11 it can swallow a cancel
+                    answer = await self.backend.ready(handle.id)
             except Exception as exc:  # the replica is gone or not placed yet: Serve is replacing it
                 log.debug("worker %s: replica not answering yet (%r)", handle.id, exc)
                 await asyncio.sleep(self.retry_s)
@@ -208,7 +209,8 @@ class RayPool(WorkerPool):
         while not life.ended and not self._closing:
             await asyncio.sleep(self.probe_s)
             try:
-                answer = await asyncio.wait_for(self.backend.ready(handle.id), PROBE_TIMEOUT_S)
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    answer = await self.backend.ready(handle.id)
             except TimeoutError:
                 continue  # slow (a busy machine) is not dead: the render stream tells a death at once
             except Exception as exc:
@@ -228,13 +230,16 @@ class RayPool(WorkerPool):
         return True
 
     async def _stream(self, handle: WorkerHandle, life: Incarnation, message: RenderImage) -> None:
+        assert self._loop is not None
         try:
             async for event in self.backend.render(handle.id, message):
-                self._deliver(handle, life, event)
+                # handed on like a pipe message: a failure in the server's handling is not the replica's death
+                self._loop.call_soon(self._deliver, handle, life, event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the replica died mid-image (or the call was lost): the image is retried
-            self._end(handle, life, f"render of {message.job_id} image {message.index} failed: {exc!r}")
+            self._loop.call_soon(self._end, handle, life, f"render of {message.job_id} image {message.index} "
+                                 f"failed: {exc!r}")
 
     def _signal_cancel(self, handle: WorkerHandle) -> None:
         life, flight = handle.process, handle.in_flight

@@ -6,19 +6,28 @@ and the drain that deletes every slot. tests/ray/ runs the same paths on a real 
 """
 
 import asyncio
+import hashlib
 
 import pytest
 
 from app.errors import JobTimeout, QueueFull
+from app.provenance.golden import BaselineStore, load_suite
 from app.scheduler.dispatcher import Dispatcher
 from app.scheduler.work import Work, WorkState
+from app.services.consistency import ConsistencyMonitor
 from app.services.generation import resolve_params
+from app.telemetry.metrics import Metrics
 from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, WorkerConfig, WorkerReady
 from app.worker.pool import WorkerState
 from app.worker.ray_pool import RayPool, plan_replicas
 from tests.support.fakes import RUNTIME, rendered
 
 MODEL = "sameseed-tiny"
+
+
+def group_key(group):
+    """The reproducibility key of the tiny model on a group's hardware."""
+    return "rk1-" + hashlib.sha256(group.encode()).hexdigest()
 
 
 class ReplicaDied(Exception):
@@ -30,6 +39,7 @@ class FakeReplica:
         self.worker_id, self.group, self.alive = worker_id, group, True
         self.open: list[tuple] = []  # (message, queue) of streams in flight
         self.finished: list = []  # messages answered, their events maybe not read yet
+        self.salt = ""  # another salt: this replica's hardware gives other bits (a drifted driver)
 
 
 class FakeServe:
@@ -52,7 +62,7 @@ class FakeServe:
         replica = self.replicas.get(slot)
         if replica is None or not replica.alive:
             raise ReplicaDied(slot)
-        key = f"rk1-{replica.group}"
+        key = group_key(replica.group)
         return WorkerReady(replica.worker_id, 1000 + self.lives, dict(RUNTIME), replica.group,
                            {MODEL: {"reproducibility_key": key}}, 0.1)
 
@@ -98,7 +108,7 @@ class FakeServe:
         message, queue = next((m, q) for m, q in replica.open if m not in replica.finished)
         replica.finished.append(message)
         queue.put_nowait(ImageStep(message.job_id, message.index, replica.worker_id, 1, 1))
-        queue.put_nowait(rendered(message, replica.worker_id, key=f"rk1-{replica.group}"))
+        queue.put_nowait(rendered(message, replica.worker_id, key=group_key(replica.group), salt=replica.salt))
 
     def kill(self, slot):
         """SIGKILL: the streams in flight end with an error; the slot has no replica until `up` again."""
@@ -135,6 +145,17 @@ def cluster(slots, *, groups=None, max_queue=4, timeout=10.0):
     return serve, pool, dispatcher
 
 
+async def answer_until(serve, predicate, timeout=3.0):
+    """Every replica finishes whatever it renders, until predicate() holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached before the deadline"
+        for slot in serve.rendering():
+            serve.finish(slot)
+        await asyncio.sleep(0.005)
+
+
 def serving(pool, *ids):
     return all(pool.workers[i].state is WorkerState.READY for i in ids)
 
@@ -155,7 +176,7 @@ def test_replicas_of_one_key_group_share_an_n_image_request_and_report_node_and_
         assert job.state is WorkState.SUCCEEDED
         workers = [r.image.worker_id for r in job.ordered_results()]
         assert set(workers) == {"10.0.0.1/w0#r1", "10.0.0.2/w1#r2"}
-        assert {r.runtime["reproducibility_key"] for r in job.ordered_results()} == {"rk1-g1"}
+        assert {r.runtime["reproducibility_key"] for r in job.ordered_results()} == {group_key("g1")}
         assert job.steps_done == {0: 20, 1: 20, 2: 20}
 
     asyncio.run(scenario())
@@ -165,7 +186,7 @@ def test_a_request_pinned_to_a_key_runs_on_a_replica_of_that_key_on_any_node(reg
     async def scenario():
         serve, pool, dispatcher = cluster(3, groups={"w0": "g1", "w1": "g1", "w2": "g2"})
         await until(lambda: serving(pool, "w0", "w1", "w2"))
-        group = dispatcher.group_for_key(MODEL, "rk1-g2")
+        group = dispatcher.group_for_key(MODEL, group_key("g2"))
         job = dispatcher.submit(work(registry, images=2, group_key=group))
         for _ in range(2):
             await until(lambda: "w2" in serve.rendering())
@@ -281,3 +302,27 @@ def test_replicas_are_planned_from_the_workers_setting_and_the_cluster_gpus():
     assert plan_replicas("auto", cluster_gpus=0) == ["cpu"]
     with pytest.raises(RuntimeError, match="no GPU"):
         plan_replicas("cuda", cluster_gpus=0)
+
+
+def test_a_node_whose_driver_drifts_has_its_replicas_quarantined_while_a_healthy_node_serves(registry, tmp_path):
+    async def scenario():
+        serve = FakeServe()
+        pool = RayPool(configs(2), serve, probe_s=0.02, retry_s=0.01).launch()
+        dispatcher = Dispatcher(pool=pool, max_queue=4, job_timeout_s=10.0)
+        monitor = ConsistencyMonitor(
+            suite=load_suite(), store=BaselineStore(tmp_path / "baselines.json"), registry=registry,
+            metrics=Metrics(), interval_s=0, quarantine_on_drift=True, require_consistency=True,
+        )
+        monitor.attach(dispatcher)
+        serve.up("w0", node="10.0.0.1")
+        dispatcher.start()
+        await answer_until(serve, lambda: monitor.worker("w0").state == "baseline_recorded")
+        serve.up("w1", node="10.0.0.2").salt = "the node's new driver"  # same GPU model: same key group
+        await answer_until(serve, lambda: monitor.worker("w1").state == "drifted")
+        assert pool.workers["w1"].group_key == pool.workers["w0"].group_key
+        assert pool.workers["w1"].state is WorkerState.QUARANTINED
+        job = dispatcher.submit(work(registry, images=2))
+        await answer_until(serve, lambda: job.finished)
+        assert {r.image.worker_id for r in job.results.values()} == {"10.0.0.1/w0#r1"}  # only the healthy node
+
+    asyncio.run(scenario())
