@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -268,6 +269,9 @@ def connect(address: str) -> int:
 
     Replicas import this checkout's `app` package: the same path on every node (README).
     """
+    # a replica busy with torch answers Serve's queue-length probe late; Serve's 0.1 s default only
+    # logs warnings and retries (read when ray.serve is first imported)
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
     from ray import serve
 
@@ -279,6 +283,10 @@ def connect(address: str) -> int:
             log_to_driver=False,  # replicas log to Ray's session logs, not into the ingress's JSON log lines
         )
     serve.start(proxy_location="Disabled")  # the ingress is our own FastAPI server
+    serve_log = logging.getLogger("ray.serve")  # Serve's own lines become our JSON log lines, warnings and up
+    serve_log.handlers.clear()
+    serve_log.propagate = True
+    serve_log.setLevel(logging.WARNING)
     return int(ray.cluster_resources().get("GPU", 0))
 
 

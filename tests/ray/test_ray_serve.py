@@ -25,6 +25,14 @@ def workers(server):
     return {w["id"]: w for w in server.client.get("/readyz").json()["workers"]}
 
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def until(predicate, deadline_s, what):
     end = time.monotonic() + deadline_s
     while not predicate():
@@ -49,7 +57,12 @@ def ray_server(cluster, tmp_path_factory):
         until(lambda: all(w["state"] == "ready" for w in workers(server).values()), 120, "both replicas ready")
         yield server
     finally:
-        assert server.stop() == 0, server.logs()
+        try:
+            replicas = [w["pid"] for w in workers(server).values()]
+        except Exception:  # the ingress never came up: its start error is the one to see
+            replicas = []
+        assert server.stop() == 0, server.logs()  # SIGTERM: drained, then the slots deleted
+    until(lambda: not any(alive(pid) for pid in replicas), 30, "Serve stopped the replicas")
 
 
 @pytest.fixture(scope="module")
