@@ -60,6 +60,8 @@ class SameseedReplica:
         self._config = replace(config, worker_id=identity or replica_identity(config.worker_id))
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sameseed-torch")
         self._cancel = threading.Event()
+        self._current: RenderImage | None = None  # the image on the torch thread now
+        self._current_lock = threading.Lock()  # a late cancel must not stop the next job's image
         self._engine: Any = None
         self._started: Future[WorkerReady | WorkerFailed] = self._torch.submit(self._start)
 
@@ -93,11 +95,14 @@ class SameseedReplica:
 
     async def ready(self) -> WorkerReady | WorkerFailed:
         """Wait for the engine to load; the same answer every time (the ingress also probes liveness with it)."""
-        return await asyncio.wrap_future(self._started)
+        # shielded: a caller that gives up waiting must not cancel the load itself
+        return await asyncio.shield(asyncio.wrap_future(self._started))
 
     async def cancel(self, job_id: str) -> None:
-        """Stop the image in flight at its next step (the ingress only cancels the image it sent last)."""
-        self._cancel.set()
+        """Stop the image in flight at its next step if it belongs to `job_id` (a cancel can arrive late)."""
+        with self._current_lock:
+            if self._current is not None and self._current.job_id == job_id:
+                self._cancel.set()
 
     async def render(self, message: RenderImage) -> AsyncIterator[FromWorker]:
         """Stream the events of one image: its steps, then ImageRendered, ImageFailed or ImageCanceled."""
@@ -110,8 +115,15 @@ class SameseedReplica:
         worker_id = self._config.worker_id
 
         def work() -> Any:  # noqa: ANN401 - the worker loop's reply
-            self._cancel.clear()
-            return _render(self._engine, message, worker_id, _step_listener(outbox, message, worker_id, self._cancel))
+            with self._current_lock:
+                self._current = message
+                self._cancel.clear()
+            try:
+                listener = _step_listener(outbox, message, worker_id, self._cancel)  # type: ignore[arg-type]
+                return _render(self._engine, message, worker_id, listener)
+            finally:
+                with self._current_lock:
+                    self._current = None
 
         done = loop.run_in_executor(self._torch, work)
         while True:
