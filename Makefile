@@ -3,10 +3,13 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: serve test container-test lint bench soak venv dev-venv monitoring-tools postgresql clean device-wheels
+.PHONY: serve test container-test lint bench soak venv ray-venv dev-venv monitoring-tools postgresql clean device-wheels
 
 venv: $(STAMP)
+
+ray-venv: $(RAY_STAMP)
 
 dev-venv: $(DEV_STAMP)
 
@@ -17,7 +20,13 @@ $(STAMP): requirements.lock
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@touch $(STAMP)
 
-$(DEV_STAMP): $(STAMP) requirements-dev.lock tests/js/package-lock.json
+# Ray Serve (`serve --ray`, README "Scale-out on Ray Serve"): the tests and the bench use it; `make serve` does not.
+$(RAY_STAMP): $(STAMP) requirements-ray.lock
+	@echo "Adding Ray Serve from requirements-ray.lock"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-ray.lock
+	@touch $(RAY_STAMP)
+
+$(DEV_STAMP): $(RAY_STAMP) requirements-dev.lock tests/js/package-lock.json
 	@echo "Adding the test tools from requirements-dev.lock, and the JavaScript verifier's RFC 8785 package"
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
 	npm ci --prefix tests/js --no-audit --no-fund --silent
@@ -60,9 +69,10 @@ postgresql:
 container-test: dev-venv
 	bash tests/container/container-test.sh
 
-bench: venv postgresql
+bench: ray-venv postgresql
 	$(VENV)/bin/python -m app bench
 	$(VENV)/bin/python -m app.cli.ledgerbench
+	$(VENV)/bin/python -m app.cli.ray_bench
 	$(VENV)/bin/python -m app.devicecheck.coldstart --work .sameseed/coldstart
 
 # Wheels a lent GPU machine (cp312, x86_64, no network, its own torch) needs beyond what it has.

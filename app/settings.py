@@ -29,6 +29,10 @@ class Settings(BaseSettings):
         default="auto",
         description="auto (one worker per GPU, else one CPU worker), cuda (one per GPU), or cpu:N.",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="A Ray cluster (host:port of its head): workers are Ray Serve replicas there (`serve --ray`).",
+    )
     cpu_threads: Annotated[int, Field(ge=1, le=256)] = 1
     cpu_mkldnn: bool = Field(
         default=True,

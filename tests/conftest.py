@@ -28,11 +28,11 @@ def registry_file(tmp_path: Path):
     return write
 
 
-LAYERS = ("unit", "integration", "e2e")
+LAYERS = ("unit", "integration", "e2e", "ray")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test by its folder: `pytest -m unit` runs the fast layer alone."""
+    """Mark every test by its folder: `pytest -m unit` runs the fast layer alone, `-m "not ray"` skips Ray."""
     for item in items:
         layer = next((part for part in item.path.parts if part in LAYERS), None)
         if layer is not None:

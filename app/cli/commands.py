@@ -34,20 +34,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.worker.plan import prepare
     from app.worker.pool import WorkerPool
 
-    settings = _settings(host=args.host, port=args.port)
+    settings = _settings(host=args.host, port=args.port, ray_address=getattr(args, "ray", None))
     configure_logging(settings.log_level)
     configure_tracing()  # on only when the standard OTEL_* variables ask for it
     pool: WorkerPool | None = None
     try:
-        startup = prepare(settings)
-        # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
-        pool = WorkerPool(startup.configs, start_timeout_s=settings.worker_start_timeout_s).launch()
+        if settings.ray_address:  # the workers are Ray Serve replicas on the cluster (README "Scale-out on Ray Serve")
+            from app.worker.ray_pool import RayPool, ServeBackend, connect, plan_replicas
+
+            devices = plan_replicas(settings.workers, connect(settings.ray_address))
+            startup = prepare(settings, devices)
+            pool = RayPool(startup.configs, ServeBackend(), start_timeout_s=settings.worker_start_timeout_s).launch()
+        else:
+            startup = prepare(settings)
+            # Workers spawn first: their torch/diffusers import (seconds) overlaps the server's own.
+            pool = WorkerPool(startup.configs, start_timeout_s=settings.worker_start_timeout_s).launch()
         from app.cli.serve import connection_limits, run
         from app.main import create_app
 
         launched = pool
         application = create_app(settings, pool_factory=lambda _configs: launched, startup=startup)
-    except (RegistryError, ValueError, RuntimeError) as exc:
+    except (RegistryError, ValueError, RuntimeError, ConnectionError) as exc:
         if pool is not None:
             pool.terminate()
         print(f"sameseed: cannot start: {exc}", file=sys.stderr)
@@ -287,6 +294,10 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the HTTP server (settings: SAMESEED_* env vars)")
     serve.add_argument("--host", default=None, help="bind address (SAMESEED_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (SAMESEED_PORT, default 8000)")
+    serve.add_argument(
+        "--ray", default=None, metavar="ADDRESS",
+        help="run the workers as Ray Serve replicas on the Ray cluster whose head is ADDRESS (SAMESEED_RAY_ADDRESS)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     models = commands.add_parser("models", help="list, build or pull models")

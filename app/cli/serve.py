@@ -68,6 +68,7 @@ def server_config(app: FastAPI, *, host: str, port: int, limits: ConnectionLimit
         host=host,
         port=port,
         log_config=None,
+        loop="asyncio",  # not uvloop, which requirements-ray.lock brings in: the same loop with or without Ray
         access_log=False,
         timeout_graceful_shutdown=10,
         http=protocol,

@@ -35,8 +35,8 @@ def plan_devices(workers: str) -> list[str]:
     return [f"cuda:{index}" for index in gpus] or ["cpu"]
 
 
-def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]:
-    """One picklable config per worker, from SAMESEED_WORKERS and the thread settings."""
+def worker_configs(settings: Settings, default_model: str, devices: list[str] | None = None) -> list[WorkerConfig]:
+    """One picklable config per worker, from SAMESEED_WORKERS (or `devices`, e.g. a Ray cluster's) and the threads."""
     return [
         WorkerConfig(
             worker_id=f"w{i}",
@@ -52,7 +52,7 @@ def worker_configs(settings: Settings, default_model: str) -> list[WorkerConfig]
             batch_sizes=tuple(range(2, settings.max_batch + 1)),
             batch_proof_steps=settings.batch_proof_steps,
         )
-        for i, device in enumerate(plan_devices(settings.workers))
+        for i, device in enumerate(plan_devices(settings.workers) if devices is None else devices)
     ]
 
 
@@ -65,10 +65,13 @@ class Startup:
     configs: list[WorkerConfig]
 
 
-def prepare(settings: Settings) -> Startup:
-    """Load and check the registry and plan the workers (`cuda` without GPUs fails here, before serving)."""
+def prepare(settings: Settings, devices: list[str] | None = None) -> Startup:
+    """Load and check the registry and plan the workers (`cuda` without GPUs fails here, before serving).
+
+    `devices` overrides the local plan (the replicas of a Ray cluster, app.worker.ray_pool.plan_replicas).
+    """
     registry = load_registry(settings.models)
     default_model = settings.default_model or registry.default_model
     if registry.get(default_model) is None:
         raise ValueError(f"SAMESEED_DEFAULT_MODEL={default_model!r} is not in the registry {settings.models}")
-    return Startup(registry, default_model, worker_configs(settings, default_model))
+    return Startup(registry, default_model, worker_configs(settings, default_model, devices))
