@@ -208,18 +208,23 @@ def measure_throughput(work: Path, workers: int, images: int, params: dict[str, 
 
 
 async def _async_round(base_url: str, images: int, params: dict[str, Any], listeners: int, follow: bool) -> float:
-    """Submit `images` async jobs with `listeners` SSE streams open meanwhile; images/s to the last image.
+    """Submit `images` async jobs, then open `listeners` SSE streams; images/s once every stream is open.
 
-    Following listeners read the measured jobs' every step event (the worst case). Idle ones wait on a
-    job queued behind the measured ones, as a dashboard waiting for its turn does: they get its queue
-    position updates only, and the job is canceled once the measured jobs are done.
+    The rate counts the images finished after the last stream got its answer's headers, over the time
+    from then to the last image: the work of opening 200 connections is not part of the steady cost
+    measured. Following listeners read the measured jobs' every step event (the worst case). Idle ones
+    wait on a job queued behind the measured ones, as a dashboard waiting for its turn does: they get
+    its queue position updates only. That job cannot share a call with the measured ones (another step
+    count) and is canceled once none of them is queued any more, so its work is not measured either.
     """
     async with httpx.AsyncClient(base_url=base_url, timeout=600.0, limits=httpx.Limits(max_connections=None)) as client:
+        opened: list[float] = []
 
-        async def submit(seed: int) -> str:
+        async def submit(seed: int, **change: Any) -> str:
             response = await client.post(
                 "/v1/generations",
-                json={**params, "model": BENCH_MODEL, "sampler": "pndm", "seed": seed, "response_format": "url"},
+                json={**params, "model": BENCH_MODEL, "sampler": "pndm", "seed": seed, "response_format": "url",
+                      **change},
                 headers={"Prefer": "respond-async"},
             )
             if response.status_code != 202:
@@ -228,21 +233,33 @@ async def _async_round(base_url: str, images: int, params: dict[str, Any], liste
 
         async def listen(location: str) -> None:
             async with client.stream("GET", location + "/events") as response:
+                opened.append(time.perf_counter())
                 async for _ in response.aiter_lines():  # every event is read, as a real client would
                     pass
 
-        started = time.perf_counter()
         locations = [await submit(2000 + k) for k in range(images)]
-        tail = None if follow or not listeners else await submit(3000)
+        tail = None if follow or not listeners else await submit(3000, steps=params["steps"] + 1)
         streams = [asyncio.create_task(listen(locations[i % images] if follow else tail)) for i in range(listeners)]
-        for location in locations:
-            while (await client.get(location)).json()["state"] not in ("succeeded", "failed", "canceled"):
-                await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - started
-        if tail is not None:
-            await client.post(tail + "/cancel")
+        submitted = time.perf_counter()
+        finished: dict[str, float] = {}
+        while len(finished) < images:
+            for location in locations:
+                if location not in finished and (await client.get(location)).json()["state"] in (
+                        "succeeded", "failed", "canceled"):
+                    finished[location] = time.perf_counter()
+            if tail is not None and len(opened) == listeners:
+                states = [(await client.get(location)).json()["state"] for location in locations]
+                if "queued" not in states:
+                    await client.post(tail + "/cancel")
+                    tail = None
+            await asyncio.sleep(0.05)
         await asyncio.gather(*streams)
-        return images / elapsed
+        start = max([submitted, *opened])
+        counted = [t for t in finished.values() if t > start]
+        if len(counted) < images // 2:
+            raise RuntimeError(f"only {len(counted)} of {images} images finished after the streams opened: "
+                               "submit more images per round")
+        return len(counted) / (max(counted) - start)
 
 
 def measure_listener_cost(
