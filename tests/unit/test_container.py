@@ -16,6 +16,7 @@ from app.models.registry import load_registry
 from app.pipeline.determinism import CUBLAS_WORKSPACE_CONFIG
 from app.settings import Settings
 from tests.support.fakes import answering_app
+from tests.support.locks import runtime_pins
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ROOT = "/srv/sameseed"  # the Dockerfile's WORKDIR: where the repo's files are inside the image
@@ -267,19 +268,6 @@ def test_dockerignore_admits_only_what_the_image_copies():
 # ---------------------------------------------------------------- the lock is complete
 
 
-def _runtime_pins() -> dict[str, str]:
-    """Canonical name -> version of every `name==version` line of requirements.lock."""
-    from packaging.utils import canonicalize_name
-
-    pins = {}
-    for line in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name.split("[", 1)[0])] = version.split(";", 1)[0].strip()
-    return pins
-
-
 def test_the_runtime_lock_is_closed_under_its_own_requirements():
     """What `pip check` proves after the image's `--no-deps` install: every requirement of every pinned
     distribution is pinned too, at a version it accepts (the dev venv holds exactly these versions)."""
@@ -289,7 +277,7 @@ def test_the_runtime_lock_is_closed_under_its_own_requirements():
     from packaging.specifiers import SpecifierSet
     from packaging.utils import canonicalize_name
 
-    pins = _runtime_pins()
+    pins = runtime_pins()
     problems = []
     for name, version in pins.items():
         dist = distribution(name)
@@ -305,38 +293,6 @@ def test_the_runtime_lock_is_closed_under_its_own_requirements():
             elif not requirement.specifier.contains(pins[needed], prereleases=True):
                 problems.append(f"{name} needs {requirement}, requirements.lock pins {pins[needed]}")
     assert not problems, "\n".join(problems)
-
-
-# A fresh interpreter that cannot import any module only the dev lock (or pip itself) brings: the image's view.
-_RUNTIME_ONLY_PROBE = """
-import importlib.abc, importlib.metadata, json, sys
-from packaging.utils import canonicalize_name
-pins = set(json.loads(sys.argv[1]))
-owners = importlib.metadata.packages_distributions()
-blocked = {module for module, dists in owners.items() if not {canonicalize_name(d) for d in dists} & pins}
-class RuntimeOnly(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in blocked:
-            raise ModuleNotFoundError(f"{fullname} is not in requirements.lock", name=fullname)
-        return None
-sys.meta_path.insert(0, RuntimeOnly())
-for name in [m for m in sys.modules if m.partition(".")[0] in blocked]:
-    del sys.modules[name]
-import app.cli.commands, app.main, app.pipeline.loader, app.models.hub, app.worker.process
-import torch, diffusers, transformers, safetensors, huggingface_hub
-try:
-    import pip
-except ModuleNotFoundError:
-    print("ok")
-"""
-
-
-def test_the_app_imports_with_only_the_runtime_locks_distributions():
-    """The entry modules import where only requirements.lock is installed (nothing from the dev lock, no pip);
-    the container test installs that lock alone into the image for real."""
-    imported = subprocess.run([sys.executable, "-c", _RUNTIME_ONLY_PROBE, json.dumps(sorted(_runtime_pins()))],
-                              cwd=ROOT, capture_output=True, text=True)
-    assert imported.stdout.strip() == "ok", imported.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- the container test's compose override
