@@ -243,15 +243,17 @@ async def _async_round(base_url: str, images: int, params: dict[str, Any], liste
         submitted = time.perf_counter()
         finished: dict[str, float] = {}
         while len(finished) < images:
+            queued = False
             for location in locations:
-                if location not in finished and (await client.get(location)).json()["state"] in (
-                        "succeeded", "failed", "canceled"):
+                if location in finished:
+                    continue
+                state = (await client.get(location)).json()["state"]
+                if state in ("succeeded", "failed", "canceled"):
                     finished[location] = time.perf_counter()
-            if tail is not None and len(opened) == listeners:
-                states = [(await client.get(location)).json()["state"] for location in locations]
-                if "queued" not in states:
-                    await client.post(tail + "/cancel")
-                    tail = None
+                queued |= state == "queued"
+            if tail is not None and len(opened) == listeners and not queued:
+                await client.post(tail + "/cancel")
+                tail = None
             await asyncio.sleep(0.05)
         await asyncio.gather(*streams)
         start = max([submitted, *opened])

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.cli.server_process import ROOT, free_port
+from app.cli.server_process import ROOT, free_port, process_stats
 
 
 class LocalRayCluster:
@@ -83,15 +83,4 @@ class LocalRayCluster:
 
 def session_members(session: int) -> list[int]:
     """Pids of the live processes of one session (Linux /proc), zombies left out."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session, ...
-        if int(fields[3]) == session and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in process_stats() if int(fields[3]) == session and fields[0] != "Z"]

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from app.cli.server_process import ServerProcess
+from app.cli.server_process import ServerProcess, process_stats
 
 SAMPLERS = ("pndm", "euler", "euler_a", "ddim", "dpmpp_2m")
 
@@ -67,15 +67,8 @@ class SoakReport:
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and all its descendants (Linux /proc), in bytes."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+    for child, fields in process_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()

@@ -68,34 +68,41 @@ def run_worker(config: WorkerConfig, conn: Connection, cancel: CancelFlag | None
     prepare_environment(config.device, config.cpu_threads)  # before torch is imported
     _setup_logging(config)
     configure_tracing(**{"sameseed.worker_id": config.worker_id})  # on only when OTEL_* variables say so
+    engine, answer = start_engine(config)
+    conn.send(answer)
+    if engine is None:
+        return
+    try:
+        serve(engine, conn, config.worker_id, cancel)
+    finally:
+        shutdown_tracing()  # flush this worker's spans
+
+
+def start_engine(
+    config: WorkerConfig, *, prove_batches: bool = True, role: str = "worker"
+) -> tuple[Engine | None, WorkerReady | WorkerFailed]:
+    """Load the engine, its preloaded models and (when asked) its batch proofs: the engine and its ready
+    answer, or None and the reason it could not start (a start-up bug is a reason, not a silent exit)."""
     started = time.perf_counter()
     try:
         engine = load_engine(config)
         for model_id in config.preload:
             engine.model(model_id)
-        cobatch = _prove_batches(engine, config)
+        cobatch = _prove_batches(engine, config) if prove_batches else []
     except SameseedError as exc:
-        conn.send(WorkerFailed(config.worker_id, exc.type, exc.message))
-        return
-    except Exception as exc:  # a start-up bug must reach the parent as a reason, not a silent exit
-        log.error("worker start failed: %s", traceback.format_exc())
-        conn.send(WorkerFailed(config.worker_id, "internal_error", f"worker start failed: {exc!r}"))
-        return
-    conn.send(
-        WorkerReady(
-            worker_id=config.worker_id,
-            pid=os.getpid(),
-            runtime=engine.runtime,
-            group_key=_group_key(engine.runtime),
-            models=dict(engine.model_keys),
-            load_seconds=round(time.perf_counter() - started, 3),
-            cobatch=tuple(cobatch),
-        )
+        return None, WorkerFailed(config.worker_id, exc.type, exc.message)
+    except Exception as exc:
+        log.error("%s start failed: %s", role, traceback.format_exc())
+        return None, WorkerFailed(config.worker_id, "internal_error", f"{role} start failed: {exc!r}")
+    return engine, WorkerReady(
+        worker_id=config.worker_id,
+        pid=os.getpid(),
+        runtime=engine.runtime,
+        group_key=_group_key(engine.runtime),
+        models=dict(engine.model_keys),
+        load_seconds=round(time.perf_counter() - started, 3),
+        cobatch=tuple(cobatch),
     )
-    try:
-        serve(engine, conn, config.worker_id, cancel)
-    finally:
-        shutdown_tracing()  # flush this worker's spans
 
 
 def _prove_batches(engine: Engine, config: WorkerConfig) -> list[dict[str, Any]]:

@@ -13,14 +13,11 @@ import asyncio
 import logging
 import os
 import threading
-import time
-import traceback
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from app.errors import SameseedError
 from app.worker.messages import FromWorker, RenderImage, WorkerConfig, WorkerFailed, WorkerReady
 
 log = logging.getLogger("app.worker")
@@ -68,30 +65,13 @@ class SameseedReplica:
     def _start(self) -> WorkerReady | WorkerFailed:
         """On the torch thread: the worker process's start-up (environment before torch, engine, preload)."""
         from app.pipeline.determinism import prepare_environment
-        from app.worker.engine import load_engine
-        from app.worker.process import _group_key
+        from app.worker.process import start_engine
 
         config = self._config
         prepare_environment(config.device, config.cpu_threads)  # before this process first imports torch
-        started = time.perf_counter()
-        try:
-            engine = load_engine(config)
-            for model_id in config.preload:
-                engine.model(model_id)
-        except SameseedError as exc:
-            return WorkerFailed(config.worker_id, exc.type, exc.message)
-        except Exception as exc:  # a start-up bug reaches the ingress as a reason, not a silent hang
-            log.error("replica start failed: %s", traceback.format_exc())
-            return WorkerFailed(config.worker_id, "internal_error", f"replica start failed: {exc!r}")
-        self._engine = engine
-        return WorkerReady(
-            worker_id=config.worker_id,
-            pid=os.getpid(),
-            runtime=engine.runtime,
-            group_key=_group_key(engine.runtime),
-            models=dict(engine.model_keys),
-            load_seconds=round(time.perf_counter() - started, 3),
-        )
+        # a replica renders one image per call: it co-batches nothing, so it proves no batch size
+        self._engine, answer = start_engine(config, prove_batches=False, role="replica")
+        return answer
 
     async def ready(self) -> WorkerReady | WorkerFailed:
         """Wait for the engine to load; the same answer every time (the ingress also probes liveness with it)."""
