@@ -178,13 +178,19 @@ def verify_files(entry: ModelEntry, paths: ModelPaths) -> dict[str, str]:
 
 def quiet_libraries() -> None:
     """Silence diffusers/transformers progress bars and advisories; Sameseed logs what matters."""
+    import threading
+
     import diffusers
+    import tqdm
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Even a disabled bar takes tqdm's write lock, by default a multiprocessing semaphore that only a
+    # full interpreter teardown releases; one process renders alone, so a thread lock is all it needs.
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 def load_model(entry: ModelEntry, paths: ModelPaths, device: str) -> LoadedModel:
