@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     batch_proof_steps: Annotated[int, Field(ge=1, le=150)] = Field(
         default=2, description="Denoising steps of each image of the start-up co-batching proof."
     )
+    batch_proof_dir: Path | None = Field(
+        default=None,
+        description="Where workers keep their co-batching proofs, one file per reproducibility key, batch sizes, "
+        "proof steps and co-batching code: a later start under the same ones reuses the verdicts instead of "
+        "proving again. Absent: <data dir>/cobatch-proofs. Empty the folder to prove afresh.",
+    )
     allow_download: bool = False
     log_level: str = "info"
     consistency_interval_s: Annotated[float, Field(ge=0)] = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,21 @@ import pytest
 from app.models.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY
 from tests.support.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures for every layer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kept_cobatch_proofs(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """Every server the tests start keeps its co-batching proofs in one folder for the whole run (all xdist
+    processes): the first start under a key proves, the others take its verdicts, as a restart would."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base if worker_id == "master" else base.parent) / "cobatch-proofs"
+    before = os.environ.get("SAMESEED_BATCH_PROOF_DIR")
+    os.environ["SAMESEED_BATCH_PROOF_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SAMESEED_BATCH_PROOF_DIR", None)
+    else:
+        os.environ["SAMESEED_BATCH_PROOF_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from app.errors import OutOfMemory
@@ -35,6 +36,10 @@ class Engine(Protocol):
 
     def render(self, job: RenderImage, on_step: StepListener | None = None) -> ImageRendered:
         """Render one image and describe it for the manifest; `on_step(step, steps)` after each step."""
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def load_engine(config: WorkerConfig) -> Engine:
@@ -127,13 +132,20 @@ class DiffusersEngine:
         """Prove each batch size at the model's default shape, with its default guidance and without guidance
         (co-batched vs single, every latent and pixel); co-batch only what is proven. One verdict per case."""
         from app.pipeline.batched import prove_batch_sizes
+        from app.worker.proofs import ProofStore
 
         loaded, _ = self.model(model_id)
-        proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
-        for proof in proofs:
-            if proof.proven:
-                self.proven.add((proof.model, proof.width, proof.height, proof.guided, proof.size))
-        return [proof.describe() for proof in proofs]
+        key = self.model_keys[model_id]["reproducibility_key"]
+        store = ProofStore(self.config.batch_proof_dir)
+        verdicts = store.get(key, sizes, steps)
+        if verdicts is None:
+            proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
+            verdicts = [{**proof.describe(), "proven_at": _utc_now(), "cached": False} for proof in proofs]
+            store.put(key, sizes, steps, [{k: v for k, v in d.items() if k != "cached"} for d in verdicts])
+        for v in verdicts:
+            if v["proven"]:
+                self.proven.add((v["model"], v["width"], v["height"], v["guided"], v["size"]))
+        return verdicts
 
     def render_batch(self, batch: RenderBatch, on_step: StepListener | None = None) -> list[ImageRendered]:
         """Render compatible images in one pipeline call when this (model, shape, size) is proven, else one by one;

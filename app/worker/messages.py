@@ -30,6 +30,7 @@ class WorkerConfig:
     # co-batching: the batch sizes to prove at start (empty: off), and the denoising steps each proof image takes
     batch_sizes: tuple[int, ...] = ()
     batch_proof_steps: int = 2
+    batch_proof_dir: Path | None = None  # proofs kept across starts (None: prove at every start)
 
 
 # ---------------------------------------------------------------- requests (parent -> child)

@@ -51,6 +51,7 @@ def worker_configs(settings: Settings, default_model: str, devices: list[str] | 
             image=settings.image_identity(),
             batch_sizes=tuple(range(2, settings.max_batch + 1)),
             batch_proof_steps=settings.batch_proof_steps,
+            batch_proof_dir=(settings.batch_proof_dir or settings.data_dir / "cobatch-proofs").resolve(),
         )
         for i, device in enumerate(plan_devices(settings.workers) if devices is None else devices)
     ]

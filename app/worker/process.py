@@ -136,8 +136,9 @@ def _prove_batches(engine: Engine, config: WorkerConfig) -> list[dict[str, Any]]
         verdicts.extend(prove(model_id, config.batch_sizes, config.batch_proof_steps))
     for verdict in verdicts:
         if verdict["proven"]:
-            log.info("co-batching proven: %s %sx%s guided=%s batch %d (%.2fs)", verdict["model"], verdict["width"],
-                     verdict["height"], verdict["guided"], verdict["size"], verdict["seconds"])
+            log.info("co-batching proven: %s %sx%s guided=%s batch %d (%s)", verdict["model"], verdict["width"],
+                     verdict["height"], verdict["guided"], verdict["size"],
+                     f"kept from {verdict['proven_at']}" if verdict.get("cached") else f"{verdict['seconds']:.2f}s")
         else:
             log.warning("co-batching off: %s batch %d: %s", verdict["model"], verdict["size"], verdict["reason"])
     return verdicts

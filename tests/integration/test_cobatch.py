@@ -122,3 +122,24 @@ def test_plain_diffusers_replay_of_a_cobatched_image_gives_its_hashes(load):
     image = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(p.seed)).images[0]
     pixels = numpy.asarray(image.convert("RGB"), dtype=numpy.uint8).tobytes()
     assert hashlib.sha256(pixels).hexdigest() == cobatched.pixel_sha256
+
+
+def test_a_worker_started_again_under_the_same_key_takes_its_kept_proof_and_cobatches_what_it_proved(tmp_path):
+    from app.settings import EMBEDDED_REGISTRY
+    from app.worker.engine import DiffusersEngine
+    from app.worker.messages import WorkerConfig
+
+    def engine(steps=2):
+        config = WorkerConfig("w0", "cpu", 1, True, EMBEDDED_REGISTRY, tmp_path / "data", ("sameseed-tiny",), False,
+                              batch_sizes=(2, 3), batch_proof_steps=steps, batch_proof_dir=tmp_path / "proofs")
+        return DiffusersEngine(config)
+
+    first = engine()
+    proven = first.prove_batches("sameseed-tiny", (2, 3), 2)
+    assert {v["cached"] for v in proven} == {False} and all(v["proven_at"] for v in proven)
+    second = engine()  # a restart: same model, runtime and code, so the same key
+    kept = second.prove_batches("sameseed-tiny", (2, 3), 2)
+    assert kept == [{**v, "cached": True} for v in proven]
+    assert second.proven == first.proven and (("sameseed-tiny", 64, 64, True, 2) in second.proven)
+    other = engine(steps=3).prove_batches("sameseed-tiny", (2, 3), 3)  # another proof length: proven afresh
+    assert {v["cached"] for v in other} == {False}
