@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Test processes run side by side (pytest-xdist), so a torch import in one of them gets one thread, as each
+# worker of a test server does: two processes spinning two threads each on two cores wait on each other.
+# Set before any test module imports torch; tests that must match a manifest set its thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 from app.models.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY

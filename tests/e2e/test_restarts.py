@@ -3,7 +3,8 @@
 One lifetime pair serves every restart promise (each pair of server starts costs the suite about
 20 s of CPU): a 200 loses nothing, old images stay verifiable after the key rotation, accepted
 async jobs are reported failed, golden baselines persist and the second start is consistent
-against them, and the new process reproduces the old one's hashes.
+against them, and the new process reproduces the old one's hashes. Last, a third start with two
+torch threads replays the first one's generation from the ledger: other key, differences, drift.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Lifetimes:
     made: dict[str, Any]  # a 2-image generation answered 200 just before the kill
     accepted: list[httpx.Response]  # async jobs accepted (one running, one queued) when it was killed
     second: Server
+    data_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,9 @@ def lifetimes(tmp_path_factory) -> Lifetimes:
         first.process.kill()  # no drain: whatever was answered or accepted must still be accounted for
         first.process.wait(timeout=10)
     second = Server(root / "data", SAMESEED_SIGNING_KEY_FILE=str(key_file(root / "k2.pem"))).start()
-    yield Lifetimes(report, ready, [w["pid"] for w in ready["workers"]], made, [running_job, queued_job], second)
+    yield Lifetimes(
+        report, ready, [w["pid"] for w in ready["workers"]], made, [running_job, queued_job], second, root / "data"
+    )
     second.stop()
 
 
@@ -151,7 +155,7 @@ def test_baselines_persist_across_restarts_and_the_second_start_is_consistent(li
 
 
 def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(lifetimes, tmp_path):
-    srv = lifetimes.second  # the module's last test: it leaves this server drifted
+    srv = lifetimes.second  # it leaves this server drifted: only the next test, which stops it, follows
     checked(srv)
     exported = tmp_path / "baselines.json"
     cli = [sys.executable, "-m", "app"]
@@ -183,3 +187,24 @@ def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(lifet
     assert worker["worker_state"] == "ready"  # no consistent peer: it keeps serving, visibly drifted
     metrics = srv.client.get("/metrics").text
     assert 'sameseed_consistency_mismatches_total{worker="w0"} 1.0' in metrics
+
+
+def test_a_generation_from_another_thread_count_is_replayed_with_differences_and_drift(lifetimes):
+    lifetimes.second.stop()  # the module's last test: a third server takes over the data dir
+    other = Server(lifetimes.data_dir, SAMESEED_CPU_THREADS="2").start()  # the same ledger, 2 torch threads
+    try:
+        verdict = other.client.post("/v1/reproduce", json={"generation_id": lifetimes.made["id"]})
+        assert verdict.status_code == 200, verdict.text
+        verdict = verdict.json()
+    finally:
+        other.stop()
+    assert verdict["same_key"] is False and verdict["source"] == "ledger"
+    fields = {d["field"]: d for d in verdict["differences"]}
+    assert fields["runtime.torch_threads"]["a"] == 1 and fields["runtime.torch_threads"]["b"] == 2
+    assert fields["runtime.torch_threads"]["in_key"] is True
+    assert any("no worker of this server has reproducibility key" in note for note in verdict["notes"])
+    for image in verdict["images"]:
+        latent, pixel = image["latent_drift"], image["pixel_drift"]
+        assert latent is not None and pixel is not None  # the ledger kept the original latents and pixels
+        assert (latent["max_abs"] == 0) == image["latent_match"]
+        assert (pixel["max_abs"] == 0) == image["pixel_match"]
