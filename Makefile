@@ -39,9 +39,10 @@ lint: dev-venv
 	$(VENV)/bin/python -m ruff check .
 
 # Test modules run in parallel (pytest-xdist; one module stays on one process, so its shared server
-# or cluster starts once): as many processes as cores, at most 4.
+# or cluster starts once): as many processes as cores, at most 4, handed modules in the order
+# tests/conftest.py sorts them (slowest layers first), not xdist's default (most tests first).
 test: lint monitoring-tools postgresql
-	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(VENV)/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 # The monitoring tests run Debian's Prometheus tools (README "Monitoring"); installed only when one is missing.
 # On a host with systemd the packages also enable their own services (Prometheus on :9090): CI containers have none.
