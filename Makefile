@@ -1,6 +1,9 @@
 # Sameseed: `make serve` and `make test` set everything up from requirements.lock.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
+# --no-compile: pip would byte-compile every module of every package (torch alone has thousands) at install;
+# Python compiles the ones a process really imports on first use instead (about half the install time here).
+PIP_INSTALL := --quiet --disable-pip-version-check --no-compile
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 RAY_STAMP := $(VENV)/.installed-ray
@@ -17,18 +20,18 @@ $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
 	@echo "Setting up ./.venv from requirements.lock (first run: installs torch, diffusers and the rest, about a minute)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/python -m pip install $(PIP_INSTALL) -r requirements.lock
 	@touch $(STAMP)
 
 # Ray Serve (`serve --ray`, README "Scale-out on Ray Serve"): the tests and the bench use it; `make serve` does not.
 $(RAY_STAMP): $(STAMP) requirements-ray.lock
 	@echo "Adding Ray Serve from requirements-ray.lock"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-ray.lock
+	$(VENV)/bin/python -m pip install $(PIP_INSTALL) -r requirements-ray.lock
 	@touch $(RAY_STAMP)
 
 $(DEV_STAMP): $(RAY_STAMP) requirements-dev.lock tests/js/package-lock.json
 	@echo "Adding the test tools from requirements-dev.lock, and the JavaScript verifier's RFC 8785 package"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	$(VENV)/bin/python -m pip install $(PIP_INSTALL) -r requirements-dev.lock
 	npm ci --prefix tests/js --no-audit --no-fund --silent
 	@touch $(DEV_STAMP)
 
