@@ -275,9 +275,13 @@ async def _listen(conn: Connection, base_url: str, urls: list[str]) -> None:
     conn.send(("done", events, priority))
 
 
-def _expect(conn: Connection, what: str, timeout_s: float = CHILD_TIMEOUT_S) -> tuple[Any, ...]:
-    if not conn.poll(timeout_s):
-        raise TimeoutError(f"the listener process sent no {what!r} within {timeout_s:.0f} s")
+def _expect(conn: Connection, child: Any, what: str, timeout_s: float = CHILD_TIMEOUT_S) -> tuple[Any, ...]:
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.5):
+        if not child.is_alive():
+            raise RuntimeError(f"the listener process exited ({child.exitcode}) before sending {what!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the listener process sent no {what!r} within {timeout_s:.0f} s")
     message = conn.recv()
     if message[0] != what:
         raise RuntimeError(f"the listener process sent {message!r}, expected {what!r}")
@@ -324,7 +328,7 @@ def run_round(
         conn, child_conn = ctx.Pipe()
         child = ctx.Process(target=listener_client, args=(child_conn, server.url), daemon=True)
         child.start()
-        _expect(conn, "ready")
+        _expect(conn, child, "ready")
     priority = ""
     try:
         locations = [meter.submit(seed + k) for k in range(images)]
@@ -332,7 +336,7 @@ def run_round(
         if conn is not None:
             targets = [tail] * listeners if tail is not None else [locations[i % images] for i in range(listeners)]
             conn.send([f"{location}/events" for location in targets])
-            _expect(conn, "open")
+            _expect(conn, child, "open")
         start, steps_start, states = meter.sweep(locations)
         cpu_start = sample_cpu(http_pid, worker_pids)
         if "queued" not in states:
@@ -348,7 +352,7 @@ def run_round(
             while meter.status(location)["state"] not in FINAL:
                 time.sleep(POLL_S)
         if conn is not None:
-            priority = _expect(conn, "done")[2]
+            priority = _expect(conn, child, "done")[2]
     finally:
         if child is not None:
             child.join(timeout=10)
