@@ -44,18 +44,36 @@ CHILD_TIMEOUT_S = 180.0  # the listener process: start-up, 200 connections, and 
 # ---------------------------------------------------------------------- CPU accounting (/proc)
 @dataclass(frozen=True)
 class CpuSample:
-    """CPU seconds (user + system) a server has used so far: its HTTP process, and its workers together."""
+    """CPU seconds (user + system) used so far: the server's HTTP process, its workers together, the bench's own
+    processes (measuring client, listener clients), and the whole machine (every core, steal included)."""
 
     http_s: float
     workers_s: float
+    bench_s: float = 0.0
+    machine_s: float = 0.0
 
     def __sub__(self, earlier: CpuSample) -> CpuSample:
-        return CpuSample(self.http_s - earlier.http_s, self.workers_s - earlier.workers_s)
+        return CpuSample(self.http_s - earlier.http_s, self.workers_s - earlier.workers_s,
+                         self.bench_s - earlier.bench_s, self.machine_s - earlier.machine_s)
+
+    @property
+    def others_s(self) -> float:
+        """What neither the server nor the bench used: other people's processes, and the hypervisor's steal."""
+        return self.machine_s - self.http_s - self.workers_s - self.bench_s
 
 
 def cpu_seconds(fields: Sequence[str], ticks_per_s: int) -> float:
     """utime + stime of one process, in seconds, from its /proc/PID/stat fields after "pid (comm) "."""
     return (int(fields[11]) + int(fields[12])) / ticks_per_s  # stat(5) fields 14 and 15
+
+
+def machine_busy_seconds(proc_stat: str, ticks_per_s: int) -> float:
+    """Busy CPU seconds of every core together from /proc/stat's first line: all but idle and iowait."""
+    name, *ticks = proc_stat.split("\n", 1)[0].split()
+    if name != "cpu":
+        raise ValueError(f"not /proc/stat's summary line: {name!r}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+    return (user + nice + system + irq + softirq + steal) / ticks_per_s  # guest time is inside user already
 
 
 def descendants(stats: Iterable[tuple[int, Sequence[str]]], root: int) -> list[int]:
@@ -76,13 +94,24 @@ def read_stat(pid: int) -> list[str]:
     return stat_fields(Path(f"/proc/{pid}/stat").read_text())
 
 
+def read_machine() -> str:
+    """/proc/stat (Linux)."""
+    return Path("/proc/stat").read_text()
+
+
 def sample_cpu(
-    http_pid: int, worker_pids: Sequence[int], *, read: Callable[[int], Sequence[str]] = read_stat,
+    http_pid: int, worker_pids: Sequence[int], bench_pids: Sequence[int] = (), *,
+    read: Callable[[int], Sequence[str]] = read_stat, read_machine: Callable[[], str] = read_machine,
     ticks_per_s: int | None = None,
 ) -> CpuSample:
-    """The server's CPU seconds so far: its HTTP process's, and its worker processes' summed."""
+    """CPU seconds so far: the server's HTTP process, its worker processes summed, the bench's, the machine's."""
     ticks = ticks_per_s or os.sysconf("SC_CLK_TCK")
-    return CpuSample(cpu_seconds(read(http_pid), ticks), sum(cpu_seconds(read(pid), ticks) for pid in worker_pids))
+    return CpuSample(
+        cpu_seconds(read(http_pid), ticks),
+        sum(cpu_seconds(read(pid), ticks) for pid in worker_pids),
+        sum(cpu_seconds(read(pid), ticks) for pid in bench_pids),
+        machine_busy_seconds(read_machine(), ticks),
+    )
 
 
 # ---------------------------------------------------------------------- figures
@@ -95,6 +124,7 @@ class ListenerRound:
     images: float  # denoising steps done in the window / steps per image
     http_cpu_s: float
     workers_cpu_s: float
+    others_cpu_s: float = 0.0  # the machine's busy CPU that was neither the server's nor the bench's
 
     @property
     def ips(self) -> float:
@@ -218,6 +248,10 @@ class ListenerReport:
             if figure.cpu_share is not None:
                 rows.append((f"listener CPU share (bounds the slowdown), {names[kind]}",
                              f"{100 * figure.cpu_share:.2f} %", ""))
+        if self.rounds:
+            others = [r.others_cpu_s / r.seconds for r in self.rounds]
+            rows.append(("other processes' CPU during the windows, median", f"{statistics.median(others):.2f} cores",
+                         f"max {max(others):.2f}: the wall-clock ratios are only as good as this is small"))
         return rows
 
 
@@ -337,15 +371,16 @@ def run_round(
             targets = [tail] * listeners if tail is not None else [locations[i % images] for i in range(listeners)]
             conn.send([f"{location}/events" for location in targets])
             _expect(conn, child, "open")
+        bench_pids = [os.getpid()] + ([child.pid] if child is not None else [])
         start, steps_start, states = meter.sweep(locations)
-        cpu_start = sample_cpu(http_pid, worker_pids)
+        cpu_start = sample_cpu(http_pid, worker_pids, bench_pids)
         if "queued" not in states:
             raise RuntimeError(f"every job had left the queue before the {kind} round's window opened: "
                                "submit more images per round")
         while meter.status(locations[-1])["state"] == "queued":
             time.sleep(POLL_S)
         end, steps_end, _ = meter.sweep(locations)
-        cpu = sample_cpu(http_pid, worker_pids) - cpu_start
+        cpu = sample_cpu(http_pid, worker_pids, bench_pids) - cpu_start
         if tail is not None:  # its listeners are done: it must not run
             meter.client.post(f"{tail}/cancel")
         for location in reversed(locations):
@@ -359,7 +394,9 @@ def run_round(
             if child.is_alive():
                 child.kill()
                 child.join()
-    window = ListenerRound(kind, end - start, (steps_end - steps_start) / steps, cpu.http_s, cpu.workers_s)
+    window = ListenerRound(
+        kind, end - start, (steps_end - steps_start) / steps, cpu.http_s, cpu.workers_s, cpu.others_s
+    )
     return window, priority
 
 

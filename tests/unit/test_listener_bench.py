@@ -18,6 +18,7 @@ from app.cli.listener_bench import (
     cpu_share,
     descendants,
     lowest_priority,
+    machine_busy_seconds,
     round_order,
     sample_cpu,
     summarize,
@@ -45,16 +46,29 @@ def test_descendants_are_the_whole_tree_below_the_server_and_nothing_beside_it()
     assert descendants(stats, 13) == []
 
 
+def _proc_stat(user: int, nice: int, system: int, idle: int, iowait: int, irq: int, softirq: int, steal: int) -> str:
+    return (f"cpu  {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} 0 0\n"
+            f"cpu0 {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} 0 0\nintr 1 2 3\n")
+
+
+def test_machine_busy_time_is_every_tick_but_idle_and_iowait_steal_included():
+    assert machine_busy_seconds(_proc_stat(100, 20, 30, 5000, 70, 4, 6, 40), ticks_per_s=100) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        machine_busy_seconds("intr 1 2 3\n", ticks_per_s=100)
+
+
 def test_a_cpu_sample_sums_the_workers_and_a_later_one_minus_an_earlier_is_the_window():
-    ticks = {10: (100, 20), 11: (900, 30), 12: (800, 10)}
-    before = sample_cpu(10, [11, 12], read=lambda pid: stat_fields(_stat(pid, "p", 1, *ticks[pid])),
-                        ticks_per_s=100)
-    assert before == CpuSample(http_s=pytest.approx(1.2), workers_s=pytest.approx(17.4))
-    ticks = {10: (110, 22), 11: (1000, 30), 12: (880, 10)}
-    after = sample_cpu(10, [11, 12], read=lambda pid: stat_fields(_stat(pid, "p", 1, *ticks[pid])),
-                       ticks_per_s=100)
+    def sample(ticks: dict[int, tuple[int, int]], machine: str) -> CpuSample:
+        return sample_cpu(10, [11, 12], [30], read=lambda pid: stat_fields(_stat(pid, "p", 1, *ticks[pid])),
+                          read_machine=lambda: machine, ticks_per_s=100)
+
+    before = sample({10: (100, 20), 11: (900, 30), 12: (800, 10), 30: (50, 0)}, _proc_stat(2000, 0, 0, 0, 0, 0, 0, 0))
+    assert (before.http_s, before.workers_s, before.bench_s, before.machine_s) == pytest.approx((1.2, 17.4, 0.5, 20))
+    after = sample({10: (110, 22), 11: (1000, 30), 12: (880, 10), 30: (53, 0)},
+                   _proc_stat(2150, 0, 10, 0, 0, 0, 0, 40))  # 2 s of the machine's busy time in the window
     window = after - before
-    assert window.http_s == pytest.approx(0.12) and window.workers_s == pytest.approx(1.8)
+    assert (window.http_s, window.workers_s, window.bench_s) == pytest.approx((0.12, 1.8, 0.03))
+    assert window.others_s == pytest.approx(2.0 - 0.12 - 1.8 - 0.03)  # someone else's process, or steal
 
 
 def test_kinds_alternate_abc_then_cba():
@@ -112,6 +126,16 @@ def test_the_verdict_is_the_idle_median_slowdown_under_3_percent(idle_ips, verdi
     assert value == ("1.0 %" if verdict == "met" else "5.0 %")
     share = rows["listener CPU share (bounds the slowdown), 200 idle SSE listeners"][0]
     assert share == "0.10 %"
+    assert "other processes' CPU during the windows, median" not in rows  # no rounds kept: no load figure
+
+
+def test_the_load_of_other_processes_is_shown_beside_the_figures():
+    rounds = [ListenerRound(NONE, seconds=4, images=8, http_cpu_s=0.1, workers_cpu_s=6, others_cpu_s=others)
+              for others in (0.4, 0.8, 4.0)]
+    report = ListenerReport(listeners=200, images_per_round=12, rounds_per_kind=3, listener_priority="",
+                            kinds=summarize(rounds), rounds=rounds)
+    value, target = {name: (v, t) for name, v, t in report.rows()}["other processes' CPU during the windows, median"]
+    assert value == "0.20 cores" and target.startswith("max 1.00")
 
 
 def test_listener_clients_drop_to_the_lowest_priority():
