@@ -38,7 +38,8 @@ NONE, IDLE, FOLLOWING = "none", "idle", "following"
 KINDS = (NONE, IDLE, FOLLOWING)
 TARGET_SLOWDOWN = 0.03  # the issue's goal for idle listeners
 POLL_S = 0.25  # the measuring client's poll of the last job (light: 4 requests a second); sweeps time the window
-CHILD_TIMEOUT_S = 180.0  # the listener process: start-up, 200 connections, and the streams' end
+CHILD_TIMEOUT_S = 180.0  # the listener process: start-up and opening its streams
+CHILD_DRAIN_S = 30.0  # after the round: the listener process reads the rest, else it is ended
 
 
 # ---------------------------------------------------------------------- CPU accounting (/proc)
@@ -125,6 +126,7 @@ class ListenerRound:
     http_cpu_s: float
     workers_cpu_s: float
     others_cpu_s: float = 0.0  # the machine's busy CPU that was neither the server's nor the bench's
+    bench_cpu_s: float = 0.0  # the bench's own: its measuring client and listener clients
 
     @property
     def ips(self) -> float:
@@ -271,8 +273,8 @@ def lowest_priority() -> str:
 
 
 def listener_client(conn: Connection, base_url: str) -> None:
-    """The child process: take a list of event URLs, open one stream per URL, report when all are open, then
-    drop to the lowest priority and read every stream to its end; reports the events read."""
+    """The child process: take a list of event URLs, open one stream per URL, then drop to the lowest priority,
+    report that all are open (and how it runs now), and read every stream to its end."""
     conn.send(("ready",))
     urls: list[str] = conn.recv()
     asyncio.run(_listen(conn, base_url, urls))
@@ -281,18 +283,17 @@ def listener_client(conn: Connection, base_url: str) -> None:
 async def _listen(conn: Connection, base_url: str, urls: list[str]) -> None:
     opened = 0
     all_open = asyncio.Event()
-    events = 0
 
     async def one(client: httpx.AsyncClient, url: str) -> None:
-        nonlocal opened, events
+        nonlocal opened
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"event stream refused: {response.status_code}")
             opened += 1
             if opened == len(urls):
                 all_open.set()
-            async for line in response.aiter_lines():  # every event is read, as a real client would
-                events += line.startswith("event:")
+            async for _ in response.aiter_lines():  # every event is read, as a real client would
+                pass
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base_url, timeout=CHILD_TIMEOUT_S, limits=limits) as client:
@@ -303,10 +304,8 @@ async def _listen(conn: Connection, base_url: str, urls: list[str]) -> None:
             waiting.cancel()
             await asyncio.gather(*streams)
             raise RuntimeError(f"only {opened} of {len(urls)} event streams opened")
-        conn.send(("open", time.time()))
-        priority = lowest_priority()
+        conn.send(("open", lowest_priority()))
         await asyncio.gather(*streams)
-    conn.send(("done", events, priority))
 
 
 def _expect(conn: Connection, child: Any, what: str, timeout_s: float = CHILD_TIMEOUT_S) -> tuple[Any, ...]:
@@ -370,7 +369,7 @@ def run_round(
         if conn is not None:
             targets = [tail] * listeners if tail is not None else [locations[i % images] for i in range(listeners)]
             conn.send([f"{location}/events" for location in targets])
-            _expect(conn, child, "open")
+            priority = _expect(conn, child, "open")[1]
         bench_pids = [os.getpid()] + ([child.pid] if child is not None else [])
         start, steps_start, states = meter.sweep(locations)
         cpu_start = sample_cpu(http_pid, worker_pids, bench_pids)
@@ -386,16 +385,14 @@ def run_round(
         for location in reversed(locations):
             while meter.status(location)["state"] not in FINAL:
                 time.sleep(POLL_S)
-        if conn is not None:
-            priority = _expect(conn, child, "done")[2]
     finally:
-        if child is not None:
-            child.join(timeout=10)
+        if child is not None:  # at the lowest priority, reading what is left: the server no longer waits on it
+            child.join(timeout=CHILD_DRAIN_S)
             if child.is_alive():
                 child.kill()
                 child.join()
     window = ListenerRound(
-        kind, end - start, (steps_end - steps_start) / steps, cpu.http_s, cpu.workers_s, cpu.others_s
+        kind, end - start, (steps_end - steps_start) / steps, cpu.http_s, cpu.workers_s, cpu.others_s, cpu.bench_s
     )
     return window, priority
 
