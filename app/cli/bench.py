@@ -19,7 +19,7 @@ BENCH_MODEL = "sameseed-bench"
 # of a size. Judged at SD1.5's 512x512; 1024x1024 (SDXL) shown beside it.
 C2PA_SIZES = (128, 512, 1024)
 C2PA_JUDGED_SIZE = "512x512"
-LISTENER_ROUNDS = 8  # of each kind: about 4 minutes on 2 cores
+LISTENER_ROUNDS = 8  # of each kind: 4–6 minutes on the shared 2-core machine
 BENCH_PARAMS = {
     "prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128
 }

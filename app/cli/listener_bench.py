@@ -14,7 +14,9 @@ Work done in it is counted in denoising steps (images' worth: steps / steps per 
 the jobs' status at both ends, so an image half done when the window opens counts as half.
 Over the window the bench also reads the server's CPU seconds (user + system, /proc/PID/stat) of
 its HTTP process and of its workers (the HTTP process's descendants): CPU time is far less noisy
-than wall time on a shared machine.
+than wall time on a shared machine. The machine's busy time (/proc/stat) less the server's and the
+bench's own gives the CPU other processes took meanwhile: the wall-clock figures mean something
+only when that is small.
 """
 
 from __future__ import annotations
