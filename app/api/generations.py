@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -131,10 +132,16 @@ async def _sse(
             if event is None:
                 yield format_sse_event(comment="keepalive")
                 continue
-            yield format_sse_event(data_str=event.data_json, event=event.name, id=str(event.id))
+            yield _wire(event)
     finally:
         if on_close is not None:  # a no-op once the job ended; else the client left: stop its work
             on_close()
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by the event object itself (JobEvent compares by identity)
+def _wire(event: JobEvent) -> bytes:
+    """The event in the SSE wire format, encoded once however many streams send it."""
+    return format_sse_event(data_str=event.data_json, event=event.name, id=str(event.id))
 
 
 @router.get(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import tempfile
@@ -12,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from app.cli.listener_bench import ListenerReport, measure_listener_cost
 from app.cli.server_process import ServerProcess
 
 BENCH_MODEL = "sameseed-bench"
@@ -21,6 +19,7 @@ BENCH_MODEL = "sameseed-bench"
 # of a size. Judged at SD1.5's 512x512; 1024x1024 (SDXL) shown beside it.
 C2PA_SIZES = (128, 512, 1024)
 C2PA_JUDGED_SIZE = "512x512"
+LISTENER_ROUNDS = 8  # of each kind: 4–6 minutes on the shared 2-core machine
 BENCH_PARAMS = {
     "prompt": "a photo of a cat", "seed": 7, "steps": 20, "guidance_scale": 7.5, "width": 128, "height": 128
 }
@@ -72,12 +71,7 @@ class BenchReport:
     ready_runs_s: list[float]
     params: dict[str, Any]
     c2pa_sign_median_ms: dict[str, float] = field(default_factory=dict)  # PNG size -> ms per image
-    listeners: int = 0
-    throughput_quiet_ips: float = 0.0
-    throughput_idle_listeners_ips: float = 0.0
-    throughput_listened_ips: float = 0.0  # listeners following every step event
-    idle_listener_slowdown: float = 0.0  # 1 - idle / quiet: the issue's goal
-    listener_slowdown: float = 0.0  # 1 - listened / quiet
+    listener: ListenerReport | None = None
     cobatch: CobatchReport | None = None
 
     def table(self) -> str:
@@ -93,23 +87,6 @@ class BenchReport:
             ("cpu:1 throughput", f"{self.throughput_1_worker_ips:.3f} img/s", ""),
             ("cpu:2 throughput", f"{self.throughput_2_workers_ips:.3f} img/s", ""),
             ("scaling (cpu:2 / cpu:1)", f"{self.scaling:.2f}x", _verdict(self.scaling >= 1.7, ">= 1.7")),
-            ("cpu:2 async jobs, no event stream, median", f"{self.throughput_quiet_ips:.3f} img/s", ""),
-            (
-                f"cpu:2 async jobs, {self.listeners} idle SSE listeners, median",
-                f"{self.throughput_idle_listeners_ips:.3f} img/s",
-                "",
-            ),
-            (
-                "slowdown with idle listeners",
-                f"{100 * self.idle_listener_slowdown:.1f} %",
-                _verdict(self.idle_listener_slowdown < 0.03, "< 3 %"),
-            ),
-            (
-                f"cpu:2 async jobs, {self.listeners} SSE listeners reading every step, median",
-                f"{self.throughput_listened_ips:.3f} img/s",
-                "",
-            ),
-            ("slowdown with listeners reading every step", f"{100 * self.listener_slowdown:.1f} %", ""),
             (
                 "process start to ready, median",
                 f"{self.ready_median_s:.2f} s",
@@ -120,11 +97,16 @@ class BenchReport:
             judged = size == C2PA_JUDGED_SIZE
             verdict = _verdict(ms <= 25, "<= 25 ms") if judged else ""
             rows.append((f"C2PA sign + embed, {size} noise PNG, median", f"{ms:.1f} ms", verdict))
+        if self.listener is not None:
+            rows.extend(self.listener.rows())
         if self.cobatch is not None:
             rows.extend(self.cobatch.rows())
-        width = max(len(r[0]) for r in rows)
-        lines = [f"{name:<{width}}  {value:>14}  {target}" for name, value, target in rows]
-        return "\n".join(lines)
+        return _table(rows)
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value:>14}  {target}".rstrip() for name, value, target in rows)
 
 
 def _verdict(ok: bool, target: str) -> str:
@@ -205,82 +187,6 @@ def measure_throughput(work: Path, workers: int, images: int, params: dict[str, 
         return images / (time.perf_counter() - started)
     finally:
         server.stop()
-
-
-async def _async_round(base_url: str, images: int, params: dict[str, Any], listeners: int, follow: bool) -> float:
-    """Submit `images` async jobs, then open `listeners` SSE streams; images/s once every stream is open.
-
-    The rate counts the images finished after the last stream got its answer's headers, over the time
-    from then to the last image: the work of opening 200 connections is not part of the steady cost
-    measured. Following listeners read the measured jobs' every step event (the worst case). Idle ones
-    wait on a job queued behind the measured ones, as a dashboard waiting for its turn does: they get
-    its queue position updates only. That job cannot share a call with the measured ones (another step
-    count) and is canceled once none of them is queued any more, so its work is not measured either.
-    """
-    async with httpx.AsyncClient(base_url=base_url, timeout=600.0, limits=httpx.Limits(max_connections=None)) as client:
-        opened: list[float] = []
-
-        async def submit(seed: int, **change: Any) -> str:
-            response = await client.post(
-                "/v1/generations",
-                json={**params, "model": BENCH_MODEL, "sampler": "pndm", "seed": seed, "response_format": "url",
-                      **change},
-                headers={"Prefer": "respond-async"},
-            )
-            if response.status_code != 202:
-                raise RuntimeError(f"bench job refused: {response.status_code} {response.text[:500]}")
-            return response.headers["location"]
-
-        async def listen(location: str) -> None:
-            async with client.stream("GET", location + "/events") as response:
-                opened.append(time.perf_counter())
-                async for _ in response.aiter_lines():  # every event is read, as a real client would
-                    pass
-
-        locations = [await submit(2000 + k) for k in range(images)]
-        tail = None if follow or not listeners else await submit(3000, steps=params["steps"] + 1)
-        streams = [asyncio.create_task(listen(locations[i % images] if follow else tail)) for i in range(listeners)]
-        submitted = time.perf_counter()
-        finished: dict[str, float] = {}
-        while len(finished) < images:
-            queued = False
-            for location in locations:
-                if location in finished:
-                    continue
-                state = (await client.get(location)).json()["state"]
-                if state in ("succeeded", "failed", "canceled"):
-                    finished[location] = time.perf_counter()
-                queued |= state == "queued"
-            if tail is not None and len(opened) == listeners and not queued:
-                await client.post(tail + "/cancel")
-                tail = None
-            await asyncio.sleep(0.05)
-        await asyncio.gather(*streams)
-        start = max([submitted, *opened])
-        counted = [t for t in finished.values() if t > start]
-        if len(counted) < images // 2:
-            raise RuntimeError(f"only {len(counted)} of {images} images finished after the streams opened: "
-                               "submit more images per round")
-        return len(counted) / (max(counted) - start)
-
-
-def measure_listener_cost(
-    work: Path, images: int, params: dict[str, Any], listeners: int = 200, rounds: int = 3
-) -> tuple[float, float, float]:
-    """Median images/s of a busy `cpu:2` server on async jobs with no event stream, with `listeners` idle streams
-    and with `listeners` streams following every event; the three kinds of round interleaved."""
-    server = ServerProcess(work / "data", SAMESEED_WORKERS="cpu:2", SAMESEED_DEFAULT_MODEL=BENCH_MODEL).start()
-    kinds = [(0, False), (listeners, False), (listeners, True)]
-    rates: dict[tuple[int, bool], list[float]] = {kind: [] for kind in kinds}
-    try:
-        asyncio.run(_async_round(server.url, 2, params, 0, False))  # warm both workers
-        for i in range(rounds):
-            for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                rates[kind].append(asyncio.run(_async_round(server.url, images, params, *kind)))
-    finally:
-        server.stop()
-    quiet, idle, following = (statistics.median(rates[kind]) for kind in kinds)
-    return quiet, idle, following
 
 
 def _burst(server: ServerProcess, params: dict[str, Any], seeds: list[int]) -> tuple[float, dict[int, dict[str, Any]]]:
@@ -389,13 +295,26 @@ def run_cobatch_bench(*, rounds: int = 5, out: Path | None = None) -> CobatchRep
     """Only the co-batching measurement (`python -m app bench --only cobatch`): print its rows, optionally JSON."""
     with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
         report = measure_cobatching(Path(tmp), BENCH_PARAMS, rounds=rounds)
-    width = max(len(r[0]) for r in report.rows())
-    print("\n".join(f"{name:<{width}}  {value:>14}  {target}" for name, value, target in report.rows()))
+    print(_table(report.rows()))
     if out is not None:
         out.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
+def run_listener_bench(
+    *, rounds: int = LISTENER_ROUNDS, images: int = 12, listeners: int = 200, out: Path | None = None
+) -> ListenerReport:
+    """Only the event-stream measurement (`python -m app bench --only listeners`): print its rows, optionally JSON."""
+    with tempfile.TemporaryDirectory(prefix="sameseed-bench-") as tmp:
+        report = measure_listener_cost(
+            Path(tmp), images, BENCH_PARAMS, model=BENCH_MODEL, listeners=listeners, rounds=rounds
+        )
+    print(_table(report.rows()))
+    print(f"({report.rounds_per_kind} rounds of each kind, {report.images_per_round} jobs a round, listener clients "
+          f"at {report.listener_priority or 'normal priority'}, {report.seconds:.0f} s in all)")
+    if out is not None:
+        out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
 
 
 def run_bench(
@@ -410,7 +329,9 @@ def run_bench(
         one = measure_throughput(work, 1, images, params)
         two = measure_throughput(work, 2, images, params)
         c2pa_ms = {f"{n}x{n}": measure_content_credentials(work, 20, n) for n in C2PA_SIZES}
-        quiet, idle, listened = measure_listener_cost(work, images, params, listeners)
+        listener = measure_listener_cost(
+            work, images, params, model=BENCH_MODEL, listeners=listeners, rounds=LISTENER_ROUNDS
+        )
         cobatch = measure_cobatching(work, params)
     report = BenchReport(
         overhead_http_median_s=http_s,
@@ -423,12 +344,7 @@ def run_bench(
         ready_runs_s=[round(t, 3) for t in ready],
         params={**params, "model": BENCH_MODEL, "runs": runs, "images": images, "threads_per_worker": 1},
         c2pa_sign_median_ms={size: round(ms, 2) for size, ms in c2pa_ms.items()},
-        listeners=listeners,
-        throughput_quiet_ips=quiet,
-        throughput_idle_listeners_ips=idle,
-        throughput_listened_ips=listened,
-        idle_listener_slowdown=1 - idle / quiet,
-        listener_slowdown=1 - listened / quiet,
+        listener=listener,
         cobatch=cobatch,
     )
     print(report.table())

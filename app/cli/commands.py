@@ -190,10 +190,15 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure overhead vs plain diffusers, 1 vs 2 workers, and time to ready; print a table."""
-    from app.cli.bench import run_bench, run_cobatch_bench
+    from app.cli.bench import LISTENER_ROUNDS, run_bench, run_cobatch_bench, run_listener_bench
 
     if args.only == "cobatch":
-        run_cobatch_bench(rounds=args.rounds, out=args.out)
+        run_cobatch_bench(rounds=args.rounds or 5, out=args.out)
+        return 0
+    if args.only == "listeners":
+        run_listener_bench(
+            rounds=args.rounds or LISTENER_ROUNDS, images=args.images, listeners=args.listeners, out=args.out
+        )
         return 0
     run_bench(runs=args.runs, images=args.images, ready_runs=args.ready_runs, listeners=args.listeners, out=args.out)
     return 0
@@ -339,8 +344,11 @@ def parser(prog: str = "python -m app") -> argparse.ArgumentParser:
     bench.add_argument("--ready-runs", type=int, default=3, help="server starts timed")
     bench.add_argument("--listeners", type=int, default=200, help="SSE streams open during the listener run")
     bench.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
-    bench.add_argument("--only", choices=["cobatch"], default=None, help="run one measurement alone")
-    bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the co-batching measurement")
+    bench.add_argument("--only", choices=["cobatch", "listeners"], default=None, help="run one measurement alone")
+    bench.add_argument(
+        "--rounds", type=int, default=None,
+        help="with --only: interleaved rounds (of each kind) of that measurement (cobatch: 5, listeners: 8)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     soak = commands.add_parser("soak", help="mixed requests against cpu:2 with worker kills: lost, 5xx, p99, RSS")

@@ -24,6 +24,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/PID/stat text after "pid (comm) " (comm may hold spaces and parentheses)."""
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_stats() -> Iterator[tuple[int, list[str]]]:
     """(pid, the /proc/PID/stat fields after "pid (comm) ": state, ppid, pgrp, session, ...) of every live
     process (Linux); a process that ends while being read is left out."""
@@ -34,7 +39,7 @@ def process_stats() -> Iterator[tuple[int, list[str]]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        yield int(entry.name), stat[stat.rindex(")") + 2:].split()
+        yield int(entry.name), stat_fields(stat)
 
 
 class ServerProcess:

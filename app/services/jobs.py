@@ -95,6 +95,10 @@ class Job:
         """Append an event and wake every follower."""
         self.events.append(JobEvent(len(self.events) + 1, name, data))
         self.updated_at = utc_now()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every follower; one that finds no new event yields a keepalive (the JobService's tick)."""
         signal, self._signal = self._signal, asyncio.Event()
         signal.set()
 
@@ -105,7 +109,8 @@ class Job:
     async def follow(self, after: int = 0) -> AsyncIterator[JobEvent | None]:
         """Every event with an id above `after`, then new ones as they come, until the final one.
 
-        Yields None after KEEPALIVE_S without news (the stream sends a comment line then).
+        Yields None when woken without news (`wake`: the JobService does it every KEEPALIVE_S; the stream
+        sends a comment line then).
         """
         sent = max(0, after)
         while True:
@@ -115,10 +120,10 @@ class Job:
                 yield self.events[sent - 1]
             if self.finished:
                 return
-            try:
-                async with asyncio.timeout(KEEPALIVE_S):  # no extra task per wait: cheap with many followers
-                    await signal.wait()
-            except TimeoutError:
+            # No timer per wait: with hundreds of followers, arming and cancelling one each time an event
+            # woke them cost more than writing the event; one tick for every job keeps idle streams alive.
+            await signal.wait()
+            if sent == len(self.events) and not self.finished:
                 yield None
 
 
@@ -143,11 +148,13 @@ class JobService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writes: asyncio.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> int:
         """Report the jobs a previous process left unfinished (failed, or succeeded when stored); returns how many."""
         self._writer = asyncio.create_task(self._write_loop(), name="job-ledger")
+        self._ticker = asyncio.create_task(self._keepalive_loop(), name="job-keepalive")
         if self.ledger is None:
             return 0
         return await asyncio.to_thread(self._recover)
@@ -181,9 +188,22 @@ class JobService:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
         await self._writes.join()
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        for task in (self._writer, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            self.keepalive()
+
+    def keepalive(self) -> None:
+        """Wake the followers of every unfinished job: those with no news send a keepalive comment."""
+        for job in list(self._jobs.values()):
+            if not job.finished:
+                job.wake()
 
     async def _write_loop(self) -> None:
         """One writer, in order: a job's `running` row never overtakes its insert, nor its final state."""
