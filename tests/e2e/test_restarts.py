@@ -172,6 +172,10 @@ def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(lifet
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0 and "imported 5" in done.stdout, done.stderr
+    deadline = time.monotonic() + 60  # an import re-checks every worker: wait for that run's verdict
+    while srv.client.get("/v1/consistency").json()["workers"][0]["state"] != "drifted":
+        assert time.monotonic() < deadline, "the import's re-check did not find the wrong hash"
+        time.sleep(0.05)
 
     out = tmp_path / "report.json"
     done = subprocess.run(
@@ -186,7 +190,8 @@ def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(lifet
     assert drifted[0]["actual_pixel_sha256"] != "0" * 64
     assert worker["worker_state"] == "ready"  # no consistent peer: it keeps serving, visibly drifted
     metrics = srv.client.get("/metrics").text
-    assert 'sameseed_consistency_mismatches_total{worker="w0"} 1.0' in metrics
+    # one mismatch counted by the import's re-check, one by the CLI's run
+    assert 'sameseed_consistency_mismatches_total{worker="w0"} 2.0' in metrics
 
 
 def test_a_generation_from_another_thread_count_is_replayed_with_differences_and_drift(lifetimes):
