@@ -4,7 +4,8 @@ One lifetime pair serves every restart promise (each pair of server starts costs
 20 s of CPU): a 200 loses nothing, old images stay verifiable after the key rotation, accepted
 async jobs are reported failed, golden baselines persist and the second start is consistent
 against them, and the new process reproduces the old one's hashes. Last, a third start with two
-torch threads replays the first one's generation from the ledger: other key, differences, drift.
+torch threads and API keys replays the first one's generation from the ledger (other key,
+differences, drift), and its keys guard everything but health.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from app.provenance.signing import private_key_pem
 from tests.e2e.conftest import ROOT, Server
 
 ASYNC = {"Prefer": "respond-async"}
+KEY = "team-key-5d1c0f3e9a7b4c21"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def key_file(path: Path) -> Path:
@@ -194,15 +197,21 @@ def test_an_imported_baseline_with_one_wrong_hash_makes_the_worker_drifted(lifet
     assert 'sameseed_consistency_mismatches_total{worker="w0"} 2.0' in metrics
 
 
-def test_a_generation_from_another_thread_count_is_replayed_with_differences_and_drift(lifetimes):
-    lifetimes.second.stop()  # the module's last test: a third server takes over the data dir
-    other = Server(lifetimes.data_dir, SAMESEED_CPU_THREADS="2").start()  # the same ledger, 2 torch threads
-    try:
-        verdict = other.client.post("/v1/reproduce", json={"generation_id": lifetimes.made["id"]})
-        assert verdict.status_code == 200, verdict.text
-        verdict = verdict.json()
-    finally:
-        other.stop()
+@pytest.fixture(scope="module")
+def third(lifetimes, tmp_path_factory):
+    """After the second server: a third on the same data dir with two torch threads and API keys turned on."""
+    lifetimes.second.stop()
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    srv = Server(lifetimes.data_dir, SAMESEED_CPU_THREADS="2", SAMESEED_API_KEYS_FILE=str(keys)).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_generation_from_another_thread_count_is_replayed_with_differences_and_drift(lifetimes, third):
+    verdict = third.client.post("/v1/reproduce", json={"generation_id": lifetimes.made["id"]}, headers=AUTH)
+    assert verdict.status_code == 200, verdict.text
+    verdict = verdict.json()
     assert verdict["same_key"] is False and verdict["source"] == "ledger"
     fields = {d["field"]: d for d in verdict["differences"]}
     assert fields["runtime.torch_threads"]["a"] == 1 and fields["runtime.torch_threads"]["b"] == 2
@@ -213,3 +222,22 @@ def test_a_generation_from_another_thread_count_is_replayed_with_differences_and
         assert latent is not None and pixel is not None  # the ledger kept the original latents and pixels
         assert (latent["max_abs"] == 0) == image["latent_match"]
         assert (pixel["max_abs"] == 0) == image["pixel_match"]
+
+
+def test_api_keys_guard_everything_but_health(third):
+    client = third.client  # /readyz answered without a key: the server started
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200, path
+
+    denied = client.post("/v1/generations", json={"prompt": "a cat", "seed": 1})
+    assert denied.status_code == 401
+    assert denied.json()["error"]["type"] == "unauthorized"
+    assert client.get("/v1/keys").status_code == 401
+
+    body = client.post("/v1/generations", json={"prompt": "a cat", "seed": 1, "response_format": "url"}, headers=AUTH)
+    assert body.status_code == 200, body.text
+    url = body.json()["images"][0]["url"]
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers=AUTH).status_code == 200
+    third.stop()  # the module's last test
+    assert KEY not in third.logs()
