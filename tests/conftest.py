@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 from app.models.registry import Registry, load_registry
 from app.settings import EMBEDDED_REGISTRY
 from tests.support.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures for every layer
+from tests.support.servers import Server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +32,15 @@ def kept_cobatch_proofs(tmp_path_factory: pytest.TempPathFactory, worker_id: str
         os.environ.pop("SAMESEED_BATCH_PROOF_DIR", None)
     else:
         os.environ["SAMESEED_BATCH_PROOF_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One real server per test process (cpu:1, one thread, the embedded tiny model), shared by every layer that
+    needs a plain one: the end-to-end tests and the Ray tests' standalone reference."""
+    srv = Server(tmp_path_factory.mktemp("server")).start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="session")

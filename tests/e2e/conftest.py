@@ -1,50 +1,12 @@
-"""Start the real server (real spawned worker processes, the embedded tiny model) for end-to-end tests."""
+"""End-to-end fixtures: servers a test starts itself (`make_server`); the session's `server` is in tests/conftest.py."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
-from app.cli.server_process import ROOT, ServerProcess
+from tests.support.servers import ROOT, Server
 
 __all__ = ["ROOT", "Server"]
-
-
-class Server(ServerProcess):
-    """A test server: `generate` asserts a 200 and returns the JSON body."""
-
-    def __init__(self, data_dir: Path, **env: str) -> None:
-        super().__init__(data_dir, **env)
-
-    def start(self, wait_ready: bool = True, deadline_s: float = 180.0) -> Server:
-        super().start(wait_ready=wait_ready, deadline_s=deadline_s)
-        if wait_ready:
-            self.settle()
-        return self
-
-    def settle(self, deadline_s: float = 60.0) -> None:
-        """Wait until every worker finished its start-up golden check and is idle (tests then own it)."""
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            workers = self.client.get("/readyz").json()["workers"]
-            if all(w["consistency"] != "unchecked" and w["state"] == "ready" for w in workers):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"start-up golden checks did not finish: {workers}")
-
-    def generate(self, **body):
-        response = self.post(**body)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server")).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture()

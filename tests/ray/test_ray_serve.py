@@ -1,7 +1,8 @@
 """Sameseed on a local Ray cluster: `serve --ray` with 2 CPU replicas of the tiny model, against a standalone server.
 
-One Ray head (a temporary directory, free loopback ports), one ingress and one standalone server for
-the whole module; the replica-kill test runs last because it restarts a replica.
+One Ray head (a temporary directory, free loopback ports) and one ingress for the whole module; the
+standalone reference is the test process's plain server (`server`, cpu:1 and one thread, as each
+replica). The replica-kill test runs last because it restarts a replica.
 """
 
 from __future__ import annotations
@@ -65,13 +66,6 @@ def ray_server(cluster, tmp_path_factory):
     until(lambda: not any(alive(pid) for pid in replicas), 30, "Serve stopped the replicas")
 
 
-@pytest.fixture(scope="module")
-def standalone(tmp_path_factory):
-    server = ServerProcess(tmp_path_factory.mktemp("standalone")).start()  # cpu:1, 1 thread, as each replica
-    yield server
-    server.stop()
-
-
 def generate(server, **body):
     response = server.post(**body)
     assert response.status_code == 200, response.text
@@ -82,8 +76,8 @@ def hashes(made):
     return [(i["seed"], i["latent_sha256"], i["pixel_sha256"]) for i in made["images"]]
 
 
-def test_a_request_through_ray_gives_the_standalone_servers_hashes_with_the_same_key(ray_server, standalone):
-    alone = generate(standalone, seed=2024, num_images=2, sampler="euler_a")
+def test_a_request_through_ray_gives_the_standalone_servers_hashes_with_the_same_key(ray_server, server):
+    alone = generate(server, seed=2024, num_images=2, sampler="euler_a")
     key = alone["manifest"]["runtime"]["reproducibility_key"]
     through_ray = generate(ray_server, seed=2024, num_images=2, sampler="euler_a", reproducibility_key=key)
     assert hashes(through_ray) == hashes(alone)
@@ -92,7 +86,7 @@ def test_a_request_through_ray_gives_the_standalone_servers_hashes_with_the_same
     # the only visible difference: worker ids name the node and the replica; the 2 images used both replicas
     image_workers = {image["worker_id"] for image in manifest["images"]}
     assert all(WORKER_ID.match(w) for w in image_workers) and len(image_workers) == 2, image_workers
-    assert {w["group_key"] for w in workers(ray_server).values()} == {workers(standalone)["w0"]["group_key"]}
+    assert {w["group_key"] for w in workers(ray_server).values()} == {workers(server)["w0"]["group_key"]}
 
 
 def test_a_generation_made_on_a_replica_is_fetched_verified_and_replayed_through_the_ingress(ray_server):
