@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.cli.listener_bench import ListenerReport, measure_listener_cost
+from app.cli.listener_bench import ListenerReport, measure_listener_cost, verdict_text
 from app.cli.server_process import ServerProcess
 
 BENCH_MODEL = "sameseed-bench"
@@ -45,12 +45,12 @@ class CobatchReport:
         return [
             (f"cpu:2, {self.concurrent} concurrent, co-batching off", f"{self.off_ips:.3f} img/s", ""),
             (f"cpu:2, {self.concurrent} concurrent, co-batching on", f"{self.on_ips:.3f} img/s", ""),
-            ("co-batching speedup (on / off)", f"{self.speedup:.2f}x", _verdict(self.speedup >= 1.3, ">= 1.3")),
+            ("co-batching speedup (on / off)", f"{self.speedup:.2f}x", verdict_text(self.speedup >= 1.3, ">= 1.3")),
             ("lone request, co-batching off, median", f"{self.lone_off_median_s:.3f} s", ""),
             (
                 "lone request, co-batching on, median",
                 f"{self.lone_on_median_s:.3f} s",
-                _verdict(self.lone_on_median_s <= 1.05 * self.lone_off_median_s, "within 5 % of off"),
+                verdict_text(self.lone_on_median_s <= 1.05 * self.lone_off_median_s, "within 5 % of off"),
             ),
             ("images co-batched (on)", f"{100 * self.cobatched_fraction:.0f} %", ""),
             ("every image bitwise equal on and off", "yes" if self.identical else "NO", ""),
@@ -82,20 +82,20 @@ class BenchReport:
             (
                 "overhead ratio (HTTP / direct)",
                 f"{self.overhead_ratio:.3f}",
-                _verdict(self.overhead_ratio <= 1.05, "<= 1.05"),
+                verdict_text(self.overhead_ratio <= 1.05, "<= 1.05"),
             ),
             ("cpu:1 throughput", f"{self.throughput_1_worker_ips:.3f} img/s", ""),
             ("cpu:2 throughput", f"{self.throughput_2_workers_ips:.3f} img/s", ""),
-            ("scaling (cpu:2 / cpu:1)", f"{self.scaling:.2f}x", _verdict(self.scaling >= 1.7, ">= 1.7")),
+            ("scaling (cpu:2 / cpu:1)", f"{self.scaling:.2f}x", verdict_text(self.scaling >= 1.7, ">= 1.7")),
             (
                 "process start to ready, median",
                 f"{self.ready_median_s:.2f} s",
-                _verdict(self.ready_median_s <= 8, "<= 8 s"),
+                verdict_text(self.ready_median_s <= 8, "<= 8 s"),
             ),
         ]
         for size, ms in self.c2pa_sign_median_ms.items():
             judged = size == C2PA_JUDGED_SIZE
-            verdict = _verdict(ms <= 25, "<= 25 ms") if judged else ""
+            verdict = verdict_text(ms <= 25, "<= 25 ms") if judged else ""
             rows.append((f"C2PA sign + embed, {size} noise PNG, median", f"{ms:.1f} ms", verdict))
         if self.listener is not None:
             rows.extend(self.listener.rows())
@@ -107,10 +107,6 @@ class BenchReport:
 def _table(rows: list[tuple[str, str, str]]) -> str:
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>14}  {target}".rstrip() for name, value, target in rows)
-
-
-def _verdict(ok: bool, target: str) -> str:
-    return f"target {target}: {'met' if ok else 'MISSED'}"
 
 
 def _direct_pipeline(folder: Path, threads: int) -> Any:

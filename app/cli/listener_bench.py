@@ -236,7 +236,7 @@ class ListenerReport:
                 continue
             assert figure.ratio_min is not None and figure.ratio_max is not None
             spread = f"rounds {100 * (1 - figure.ratio_max):.1f} to {100 * (1 - figure.ratio_min):.1f} %"
-            verdict = _verdict(figure.slowdown < TARGET_SLOWDOWN, "< 3 %") + ", " if kind == IDLE else ""
+            verdict = verdict_text(figure.slowdown < TARGET_SLOWDOWN, "< 3 %") + ", " if kind == IDLE else ""
             rows.append((
                 f"slowdown, {names[kind]} (median of {figure.rounds} round ratios)",
                 f"{100 * figure.slowdown:.1f} %",
@@ -259,7 +259,8 @@ class ListenerReport:
         return rows
 
 
-def _verdict(ok: bool, target: str) -> str:
+def verdict_text(ok: bool, target: str) -> str:
+    """A table row's judgement against its target (the bench's tables share it)."""
     return f"target {target}: {'met' if ok else 'MISSED'}"
 
 

@@ -140,8 +140,9 @@ class DiffusersEngine:
         verdicts = store.get(key, sizes, steps)
         if verdicts is None:
             proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
-            verdicts = [{**proof.describe(), "proven_at": _utc_now(), "cached": False} for proof in proofs]
-            store.put(key, sizes, steps, [{k: v for k, v in d.items() if k != "cached"} for d in verdicts])
+            proven = [{**proof.describe(), "proven_at": _utc_now()} for proof in proofs]
+            store.put(key, sizes, steps, proven)
+            verdicts = [{**verdict, "cached": False} for verdict in proven]
         for v in verdicts:
             if v["proven"]:
                 self.proven.add((v["model"], v["width"], v["height"], v["guided"], v["size"]))

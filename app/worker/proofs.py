@@ -18,11 +18,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from app.provenance.manifest import canonical_json
+from app.store.files import write_atomic
 
 log = logging.getLogger("app.worker")
 
@@ -42,13 +43,13 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def _depends_on(reproducibility_key: str, sizes: Sequence[int], steps: int) -> dict[str, Any]:
+    return {"reproducibility_key": reproducibility_key, "sizes": sorted(sizes), "steps": steps, "code": code_digest()}
+
+
 def proof_name(reproducibility_key: str, sizes: Sequence[int], steps: int) -> str:
     """The file name a proof is kept under: what it depends on, hashed."""
-    material = json.dumps(
-        {"reproducibility_key": reproducibility_key, "sizes": sorted(sizes), "steps": steps, "code": code_digest()},
-        sort_keys=True, separators=(",", ":"),
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:32] + ".json"
+    return hashlib.sha256(canonical_json(_depends_on(reproducibility_key, sizes, steps))).hexdigest()[:32] + ".json"
 
 
 class ProofStore:
@@ -74,19 +75,16 @@ class ProofStore:
         return [{**verdict, "cached": True} for verdict in document["verdicts"]]
 
     def put(self, reproducibility_key: str, sizes: Sequence[int], steps: int, verdicts: list[dict[str, Any]]) -> None:
-        """Keep verdicts for the next start (written whole or not at all; a failure only costs a proof later)."""
+        """Keep verdicts for the next start (written whole or not at all; a failure only costs a proof later).
+
+        `verdicts` as proven: `get` marks them `cached` when it hands them back.
+        """
         if self.folder is None:
             return
-        document = {"reproducibility_key": reproducibility_key, "sizes": sorted(sizes), "steps": steps,
-                    "code": code_digest(), "verdicts": verdicts}
-        tmp: Path | None = None
+        document = {**_depends_on(reproducibility_key, sizes, steps), "verdicts": verdicts}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.folder, suffix=".tmp", delete=False) as file:
-                tmp = Path(file.name)
-                json.dump(document, file, indent=1)
-            os.replace(tmp, self.folder / proof_name(reproducibility_key, sizes, steps))
+            path = self.folder / proof_name(reproducibility_key, sizes, steps)
+            write_atomic({path: json.dumps(document, indent=1).encode()})
         except OSError as exc:
             log.warning("co-batching proof not kept (%s): the next start proves again", exc)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
