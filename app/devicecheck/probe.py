@@ -114,7 +114,7 @@ def device_info(device: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "kind": "cuda" if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

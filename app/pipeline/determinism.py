@@ -82,7 +82,9 @@ def runtime_fingerprint(device: str, worker_id: str, image: dict[str, str] | Non
         cudnn = torch.backends.cudnn.version()
     else:
         device_name, cuda_capability, cudnn = _cpu_name(), None, None
-    torch_version = torch.__version__
+    # torch.__version__ is a str subclass from torch.torch_version: kept as one, the server process that
+    # unpickles this fingerprint would import all of torch (seconds of CPU, hundreds of MB) to rebuild it.
+    torch_version = str(torch.__version__)
     return {
         "device_kind": "cuda" if cuda else "cpu",
         "device_name": device_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from pathlib import Path
 
 import numpy
 import pytest
@@ -29,6 +30,16 @@ def test_same_request_twice_gives_the_same_bits(server):
     assert rgb(first["images"][0]) == rgb(second["images"][0])
     assert first["id"] != second["id"]
     assert first["manifest"]["runtime"]["reproducibility_key"] == second["manifest"]["runtime"]["reproducibility_key"]
+
+
+def test_the_http_process_never_loads_torch(server):
+    """Only the workers hold torch: the server process that answers HTTP stays small, even after it read the
+    workers' reports and images."""
+    server.generate(seed=7)
+    maps = (Path("/proc") / str(server.process.pid) / "maps").read_text()
+    assert "libtorch" not in maps
+    workers = [w["pid"] for w in server.client.get("/readyz").json()["workers"]]
+    assert all("libtorch" in (Path("/proc") / str(pid) / "maps").read_text() for pid in workers)
 
 
 def test_next_seed_gives_a_different_image(server):

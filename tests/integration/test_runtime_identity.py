@@ -22,3 +22,19 @@ def test_image_identity_reaches_the_manifest_but_not_the_key():
     )
     runtime = {**RUNTIME, "worker_id": "w0", "reproducibility_key": "rk1-x", "key_fields": [], "image": identity}
     assert ManifestRuntime(**runtime).model_dump()["image"] == identity
+
+
+def test_the_runtime_a_worker_reports_unpickles_without_torch():
+    """The server process reads each worker's fingerprint from a pipe: plain data, so it never imports torch."""
+    import pickle
+    import subprocess
+    import sys
+
+    from app.pipeline.determinism import runtime_fingerprint
+
+    fingerprint = runtime_fingerprint("cpu", "w0")
+    check = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], input=pickle.dumps(fingerprint), capture_output=True,
+                          timeout=60, check=True)
+    assert done.stdout.decode().strip() == "False"
+    assert type(fingerprint["versions"]["torch"]) is str
