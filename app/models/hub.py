@@ -144,6 +144,15 @@ def vae_path(entry: ModelEntry, data_dir: Path, allow_download: bool) -> Path:
     return folder / vae.subfolder if vae.subfolder else folder
 
 
+def require_cached(entry: ModelEntry) -> None:
+    """Raise ModelUnavailable (the message `fetch` gives) unless every hub download of `entry` is in the cache.
+
+    A cache lookup only: nothing is downloaded, hashed, pinned or linked (`fetch` does that at the load).
+    """
+    for item in plan(entry):
+        _snapshot(item, entry.id, allow_download=False, cache_dir=None, endpoint=None, progress=False)
+
+
 def fetch(
     item: HubFetch,
     *,

@@ -74,8 +74,9 @@ class DiffusersEngine:
     """Owns this worker's loaded diffusers pipelines (loaded once, kept) and renders images with them."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        from app.worker.prehash import start_prehash
+        from app.worker.prehash import refuse_uncached_hub_models, start_prehash
 
+        refuse_uncached_hub_models(config)  # a cold cache it may not fill fails the start before any import
         start_prehash(config)  # model files hash while torch and diffusers import; the pin check waits for them
         from app.models.registry import load_registry
         from app.pipeline.determinism import configure_torch, runtime_fingerprint

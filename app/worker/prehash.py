@@ -1,4 +1,5 @@
-"""Start hashing a worker's preloaded model files before its torch and diffusers imports, to overlap the two."""
+"""What a worker does before its torch and diffusers imports: refuse preloaded hub models it cannot have, and
+start hashing the preloaded model files so the hashing overlaps the imports."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def files_to_prehash(config: WorkerConfig) -> list[Path]:
         paths = resolve_paths(entry, registry, config.data_dir, allow_download=False)
         found.extend(model_files(entry, paths).values())
     return found
+
+
+def refuse_uncached_hub_models(config: WorkerConfig) -> None:
+    """With downloads off, raise ModelUnavailable for a preloaded hub model missing from the Hugging Face cache.
+
+    The worker then fails its start at once, naming the `models pull` command, instead of after seconds of
+    imports. With downloads on, or for any other model, nothing is checked here: the load reports it.
+    """
+    if config.allow_download:
+        return
+    from app.models.hub import require_cached
+    from app.models.registry import load_registry
+
+    registry = load_registry(config.registry_path)
+    for model_id in config.preload:
+        entry = registry.get(model_id)
+        if entry is not None:  # an unknown id is the load's to report
+            require_cached(entry)  # no hub download in the entry: nothing to look up
 
 
 def start_prehash(config: WorkerConfig) -> threading.Thread | None:

@@ -71,3 +71,34 @@ def test_a_hub_model_resolves_and_loads_from_its_linked_folder(fake_hub, dirs, t
     assert identity["source"] == str(dirs["data_dir"] / "hub" / "tiny-hub" / "model")
     assert (identity["source_kind"], identity["hub_repo"], identity["hub_revision"]) == ("hub", REPO, COMMIT)
     assert identity["files"] == tiny_pins()  # the same identity as the embedded model: same bytes, same key
+
+
+COLD_START = """
+import sys
+from pathlib import Path
+from app.worker.messages import WorkerConfig
+from app.worker.process import start_engine
+config = WorkerConfig(worker_id="w0", device="cpu", cpu_threads=1, cpu_mkldnn=True, registry_path=Path(sys.argv[1]),
+                      data_dir=Path(sys.argv[2]), preload=("tiny-hub",), allow_download=False)
+engine, answer = start_engine(config)
+print(engine, answer.error_type, "torch" in sys.modules)
+print(answer.message)
+"""
+
+
+def test_a_hub_model_missing_from_the_cache_fails_the_worker_start_before_torch_is_imported(tmp_path):
+    """Downloads off and a cold cache: the worker's start answers why at once, without seconds of imports."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.servers import ROOT
+
+    registry = hub_registry(tmp_path)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", COLD_START, str(registry), str(tmp_path / "data")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status, message = done.stdout.splitlines()
+    assert status == "None model_unavailable False"
+    assert "python -m app models pull tiny-hub" in message and "SAMESEED_ALLOW_DOWNLOAD is off" in message

@@ -318,3 +318,8 @@ def test_container_test_override_runs_the_cpu_service_on_the_host_network_and_lo
     refused = subprocess.run([binary, *files, "--profile", "cpu", "config"], cwd=ROOT, env=env, capture_output=True,
                              text=True)
     assert refused.returncode != 0 and "a free port" in refused.stderr
+
+
+def test_make_and_the_image_install_with_the_same_uv_release():
+    image_uv = arg_defaults()["UV_IMAGE"].split(":", 1)[1].split("@", 1)[0]
+    assert lock_lines("requirements-setup.lock") == [f"uv=={image_uv}"]
