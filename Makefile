@@ -62,7 +62,7 @@ lint: dev-venv
 
 # Test modules run in parallel (pytest-xdist; one module stays on one process, so its shared server
 # or cluster starts once): one process more than cores, at most 4 (a test process spends part of its
-# time waiting on the servers it started: on 2 cores, 3 processes kept them busier, 4:22 vs 4:35),
+# time waiting on the servers it started: on 2 cores, 3 processes kept them busier, 3:22 vs 3:36 with 2, back to back),
 # handed modules in the order tests/conftest.py sorts them (slowest layers first), not xdist's
 # default (most tests first).
 TEST_PROCESSES ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n + 1 : 4 )))
