@@ -30,10 +30,9 @@ from app.api.schemas import (
 )
 from app.errors import GenerationNotFound, InvalidRequest
 from app.provenance.manifest import Manifest
-from app.scheduler.work import utc_now
 from app.services.jobs import JobEvent
-from app.store.archive import iso_utc
 from app.store.ledger import GenerationQuery, GenerationRow, GenerationStatus
+from app.timestamps import iso_utc, utc_now
 
 router = APIRouter(prefix="/v1", tags=["generations"], route_class=JsonBodyRoute)
 

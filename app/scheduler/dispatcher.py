@@ -27,9 +27,10 @@ from app.errors import (
     WorkerLost,
     error_from_type,
 )
-from app.scheduler.work import Priority, Progress, Work, WorkState, utc_now
+from app.scheduler.work import Priority, Progress, Work, WorkState
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import epoch_ns, from_carrier, tracer
+from app.timestamps import utc_now
 from app.worker.messages import ImageCanceled, ImageFailed, ImageRendered, ImageStep, RenderBatch, RenderImage
 from app.worker.pool import COMING, SERVING, InFlight, WorkerEvent, WorkerExited, WorkerHandle, WorkerPool, WorkerState
 

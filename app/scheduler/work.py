@@ -7,17 +7,12 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import SameseedError
 from app.params import GenerationParams
+from app.timestamps import utc_now
 from app.worker.messages import ImageRendered
-
-
-def utc_now() -> str:
-    """The current UTC time in ISO 8601 with microseconds."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Priority(enum.IntEnum):

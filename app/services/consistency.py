@@ -17,8 +17,9 @@ from app.models.registry import Registry
 from app.params import CaseResult, GenerationParams
 from app.provenance.golden import Baseline, Baselines, GoldenCase, GoldenSuite, summarize
 from app.scheduler.dispatcher import Dispatcher
-from app.scheduler.work import Priority, Work, WorkState, utc_now
+from app.scheduler.work import Priority, Work, WorkState
 from app.telemetry.metrics import Metrics
+from app.timestamps import utc_now
 from app.worker.messages import WorkerReady
 from app.worker.pool import COMING, SERVING, WorkerEvent, WorkerExited, WorkerHandle, WorkerState
 

@@ -18,10 +18,11 @@ from app.params import MAX_SEED, GenerationParams
 from app.provenance.hashes import latents_from_bytes
 from app.provenance.manifest import Manifest, ManifestWarning, manifest_for
 from app.scheduler.dispatcher import Disconnected, Dispatcher
-from app.scheduler.work import Priority, Progress, Work, utc_now
+from app.scheduler.work import Priority, Progress, Work
 from app.store.archive import Archive
 from app.telemetry.metrics import Metrics
 from app.telemetry.tracing import carrier, tracer
+from app.timestamps import utc_now
 from app.worker.messages import ImageRendered
 from app.worker.pool import WorkerHandle
 

@@ -31,9 +31,10 @@ from app.errors import (
 )
 from app.params import GenerationParams
 from app.provenance.manifest import Manifest
-from app.scheduler.work import Progress, Work, WorkState, utc_now
+from app.scheduler.work import Progress, Work, WorkState
 from app.services.generation import GenerationService, new_generation_id
 from app.store.ledger import JobRow, JobState, Ledger, LedgerError
+from app.timestamps import utc_now
 
 log = logging.getLogger("app.jobs")
 

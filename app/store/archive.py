@@ -35,6 +35,7 @@ from app.store.ledger import (
     LedgerError,
     SqliteLedger,
 )
+from app.timestamps import iso_utc
 
 log = logging.getLogger("app.store.archive")
 
@@ -58,13 +59,6 @@ def open_ledger(settings: Settings) -> Ledger:
 
         return PostgresLedger(settings.database_url.get_secret_value(), connect_timeout_s=settings.database_timeout_s)
     return SqliteLedger(settings.data_dir / LEDGER_NAME)
-
-
-def iso_utc(moment: datetime) -> str:
-    """A datetime as the ledger's UTC ISO 8601 text (microseconds, `Z`); naive datetimes are UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from app.errors import OutOfMemory
 from app.provenance.manifest import ManifestImage
 from app.telemetry.tracing import child_span
+from app.timestamps import utc_now
 from app.worker.messages import ImageRendered, RenderBatch, RenderImage, WorkerConfig
 
 log = logging.getLogger("app.worker")
@@ -36,10 +36,6 @@ class Engine(Protocol):
 
     def render(self, job: RenderImage, on_step: StepListener | None = None) -> ImageRendered:
         """Render one image and describe it for the manifest; `on_step(step, steps)` after each step."""
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def load_engine(config: WorkerConfig) -> Engine:
@@ -141,7 +137,7 @@ class DiffusersEngine:
         verdicts = store.get(key, sizes, steps)
         if verdicts is None:
             proofs = prove_batch_sizes(loaded, sizes, steps=steps, guidance_scales=(None, 0.0))
-            proven = [{**proof.describe(), "proven_at": _utc_now()} for proof in proofs]
+            proven = [{**proof.describe(), "proven_at": utc_now("seconds")} for proof in proofs]
             store.put(key, sizes, steps, proven)
             verdicts = [{**verdict, "cached": False} for verdict in proven]
         for v in verdicts:
