@@ -1,5 +1,4 @@
-"""What a worker does before its torch and diffusers imports: refuse preloaded hub models it cannot have, and
-start hashing the preloaded model files so the hashing overlaps the imports."""
+"""Before a worker's torch and diffusers imports: refuse uncached hub models, start hashing the model files."""
 
 from __future__ import annotations
 
