@@ -70,18 +70,18 @@ class DiffusersEngine:
     """Owns this worker's loaded diffusers pipelines (loaded once, kept) and renders images with them."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        from app.models.registry import load_registry
         from app.worker.prehash import refuse_uncached_hub_models, start_prehash
 
-        refuse_uncached_hub_models(config)  # a cold cache it may not fill fails the start before any import
-        start_prehash(config)  # model files hash while torch and diffusers import; the pin check waits for them
-        from app.models.registry import load_registry
+        self.registry = load_registry(config.registry_path)  # read once: the steps before the imports use it too
+        refuse_uncached_hub_models(config, self.registry)  # a cold cache it may not fill fails the start at once
+        start_prehash(config, self.registry)  # files hash while torch and diffusers import; the pin check waits
         from app.pipeline.determinism import configure_torch, runtime_fingerprint
         from app.pipeline.loader import quiet_libraries
 
         configure_torch(config.device, config.cpu_threads, config.cpu_mkldnn)
         quiet_libraries()
         self.config = config
-        self.registry = load_registry(config.registry_path)
         self.runtime = runtime_fingerprint(config.device, config.worker_id, image=config.image)
         self.models: dict[str, Any] = {}
         self.model_keys: dict[str, dict[str, Any]] = {}

@@ -6,21 +6,22 @@ import logging
 import threading
 from pathlib import Path
 
+from app.models.registry import Registry, load_registry
 from app.worker.messages import WorkerConfig
 
 log = logging.getLogger("app.worker")
 
 
-def files_to_prehash(config: WorkerConfig) -> list[Path]:
+def files_to_prehash(config: WorkerConfig, registry: Registry | None = None) -> list[Path]:
     """The files of the preloaded models that are on disk already: local folders, single files, built models.
 
     Hub models are left out (their pull hashes them, with its own locking), as are builtins not built yet:
-    nothing here downloads or builds. Any problem is left to the load, which reports it.
+    nothing here downloads or builds. Any problem is left to the load, which reports it. `registry`: the
+    worker's, already read (else read from the config's path).
     """
-    from app.models.registry import load_registry
     from app.pipeline.loader import model_files, resolve_paths
 
-    registry = load_registry(config.registry_path)
+    registry = registry if registry is not None else load_registry(config.registry_path)
     found: list[Path] = []
     for model_id in config.preload:
         entry = registry.get(model_id)
@@ -34,7 +35,7 @@ def files_to_prehash(config: WorkerConfig) -> list[Path]:
     return found
 
 
-def refuse_uncached_hub_models(config: WorkerConfig) -> None:
+def refuse_uncached_hub_models(config: WorkerConfig, registry: Registry) -> None:
     """With downloads off, raise ModelUnavailable for a preloaded hub model missing from the Hugging Face cache.
 
     The worker then fails its start at once, naming the `models pull` command, instead of after seconds of
@@ -43,21 +44,19 @@ def refuse_uncached_hub_models(config: WorkerConfig) -> None:
     if config.allow_download:
         return
     from app.models.hub import require_cached
-    from app.models.registry import load_registry
 
-    registry = load_registry(config.registry_path)
     for model_id in config.preload:
         entry = registry.get(model_id)
         if entry is not None:  # an unknown id is the load's to report
             require_cached(entry)  # no hub download in the entry: nothing to look up
 
 
-def start_prehash(config: WorkerConfig) -> threading.Thread | None:
+def start_prehash(config: WorkerConfig, registry: Registry | None = None) -> threading.Thread | None:
     """Hash the preloaded models' files on a background thread into the process's cache; None when none."""
     from app.pipeline.hashcache import prehash
 
     try:
-        files = files_to_prehash(config)
+        files = files_to_prehash(config, registry)
     except Exception as exc:  # the load itself will fail with the reason; this is only a head start
         log.debug("no prehash: %s", exc)
         return None
