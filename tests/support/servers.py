@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from app.cli.server_process import ROOT, ServerProcess
 
@@ -12,9 +11,6 @@ __all__ = ["ROOT", "Server"]
 
 class Server(ServerProcess):
     """A test server: `generate` asserts a 200 and returns the JSON body."""
-
-    def __init__(self, data_dir: Path, **env: str) -> None:
-        super().__init__(data_dir, **env)
 
     def start(self, wait_ready: bool = True, deadline_s: float = 180.0) -> Server:
         super().start(wait_ready=wait_ready, deadline_s=deadline_s)
